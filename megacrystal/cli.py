@@ -1,0 +1,65 @@
+"""The `megacrystal` command. Thin: parse arguments, load the config, hand over to a package."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import Config, ConfigError, load_config
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/crystal-tiny.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field by its dotted name, e.g. --set parallel.tp=2")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megacrystal", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="print the parameter count and the parallel layout")
+    _add_config_args(info)
+    info.add_argument("--world-size", type=int, default=None,
+                      help="processes to lay out (default: $WORLD_SIZE, else tp x pp)")
+    train = commands.add_parser("train", help="train (one process, or each rank under torchrun)")
+    _add_config_args(train)
+    return parser
+
+
+def _info(config: Config, world_size: int | None) -> None:
+    from .model.size import flops_per_token, matmul_parameters, parameter_count
+
+    m, p, t = config.model, config.parallel, config.train
+    world = world_size or int(os.environ.get("WORLD_SIZE", 0)) or p.tp * p.pp
+    dp = config.data_parallel_size(world)
+    stages = p.pp * (p.vpp or 1)
+    print(f"model        {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads x {m.head_dim}, "
+          f"ffn {m.ffn_hidden_size}, vocab {m.vocab_size}, seq {m.seq_length}")
+    print(f"parameters   {parameter_count(m):,} (tied embeddings; {matmul_parameters(m):,} in matmuls)")
+    print(f"flops/token  {flops_per_token(m) / 1e9:.3f} GFLOP (training, forward + backward)")
+    print(f"layout       world {world} = tp {p.tp} x pp {p.pp} x dp {dp}"
+          f"{f' (vpp {p.vpp})' if p.vpp else ''}{', sequence parallel' if p.sp else ''}"
+          f"{', distributed optimizer' if p.distributed_optimizer else ''}")
+    print(f"per stage    {m.num_layers // stages} layers per {'virtual ' if p.vpp else ''}stage")
+    print(f"batch        {t.global_batch_size} x {m.seq_length} = {t.global_batch_size * m.seq_length:,} tokens/step; "
+          f"{t.global_batch_size // (t.micro_batch_size * dp)} micro-batches of {t.micro_batch_size} per rank")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.command == "info":
+            _info(config, args.world_size)
+        elif args.command == "train":
+            from .train.loop import train
+
+            train(config)
+        return 0
+    except ConfigError as err:
+        if args.debug:
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:  # one line, from one rank
+            print(f"megacrystal: error: {err}", file=sys.stderr)
+        return 2

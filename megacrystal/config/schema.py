@@ -1,0 +1,148 @@
+"""The run schema: one typed tree, validated once; every error names its dotted field."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (a typo must not silently fall back to a default).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Section):
+    name: str = "crystal"
+    dir: str = "runs/{name}"  # "{name}" is replaced by run.name
+
+
+class InitSection(_Section):
+    """muP initialisation: truncated normal at +-truncation*std (Crystal: 2 sigma)."""
+
+    embedding_std: float = Field(0.073, gt=0)
+    hidden_std: float = Field(0.01825, gt=0)
+    output_std: float = Field(0.00228125, gt=0)
+    truncation: float = Field(2.0, gt=0)
+
+
+class ModelSection(_Section):
+    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    ffn_hidden_size: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)  # embedding rows (padded vocabulary)
+    seq_length: int = Field(gt=1)
+    layernorm_eps: float = Field(1e-5, gt=0)
+    rotary_percent: float = Field(0.25, gt=0, le=1)
+    rotary_base: float = Field(10000.0, gt=0)
+    rotary_interleaved: bool = True  # GPT-J rotate-every-two layout, as Crystal
+    scale_qk_dot_by_d: bool = True  # muP attention: scores / head_dim instead of / sqrt(head_dim)
+    embeddings_scale: float = 14.6
+    output_logits_scale: float = 0.13875  # mup_output_alpha (2.22) * mup_width_scale (0.0625)
+    mup_width_scale: float = Field(0.0625, gt=0)  # LR multiplier of the hidden weight matrices
+    init: InitSection = InitSection()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_percent)
+
+
+class OptimSection(_Section):
+    lr: float = Field(gt=0)  # peak LR; hidden matrices get lr * model.mup_width_scale
+    end_lr: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    decay_style: Literal["linear", "cosine"] = "linear"
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-9, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    clip_grad: float = Field(1.0, ge=0)  # 0 disables clipping
+
+
+class ParallelSection(_Section):
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    vpp: Optional[int] = Field(None, ge=2)  # virtual stages per pipeline rank (interleaved 1F1B)
+    sp: bool = False  # sequence parallelism (needs tp > 1)
+    distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks
+
+
+class TrainSection(_Section):
+    engine: Literal["megatron"] = "megatron"
+    steps: int = Field(gt=0)
+    global_batch_size: int = Field(gt=0)
+    micro_batch_size: int = Field(1, gt=0)
+    seed: int = 1234
+    log_interval: int = Field(1, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    threads: Optional[int] = Field(None, ge=1)  # CPU threads per rank; default: cores / local ranks
+    peak_tflops_per_device: Optional[float] = Field(None, gt=0)  # for MFU; None: not reported
+
+
+class DataSection(_Section):
+    source: Literal["synthetic"] = "synthetic"
+
+
+class Config(_Section):
+    run: RunSection = RunSection()
+    model: ModelSection
+    optim: OptimSection
+    parallel: ParallelSection = ParallelSection()
+    train: TrainSection
+    data: DataSection = DataSection()
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "Config":
+        m, p, t = self.model, self.parallel, self.train
+        _require(m.hidden_size % m.num_heads == 0, "model.num_heads",
+                 f"{m.num_heads} does not divide model.hidden_size ({m.hidden_size})")
+        rot = m.head_dim * m.rotary_percent
+        _require(rot == int(rot) and int(rot) % 2 == 0, "model.rotary_percent",
+                 f"{m.rotary_percent} x head_dim {m.head_dim} must be an even whole number of dims")
+        _require(m.num_heads % p.tp == 0, "parallel.tp",
+                 f"{p.tp} does not divide model.num_heads ({m.num_heads}); choose a tp that divides it")
+        _require(m.ffn_hidden_size % p.tp == 0, "parallel.tp",
+                 f"{p.tp} does not divide model.ffn_hidden_size ({m.ffn_hidden_size})")
+        _require(m.vocab_size % p.tp == 0, "parallel.tp",
+                 f"{p.tp} does not divide model.vocab_size ({m.vocab_size}); pad the vocabulary")
+        stages = p.pp * (p.vpp or 1)
+        _require(m.num_layers % stages == 0, "parallel.pp",
+                 f"pp x vpp = {stages} does not divide model.num_layers ({m.num_layers})")
+        _require(p.vpp is None or p.pp > 1, "parallel.vpp", "virtual stages need parallel.pp > 1")
+        _require(not p.sp or p.tp > 1, "parallel.sp", "sequence parallelism needs parallel.tp > 1")
+        _require(not p.sp or m.seq_length % p.tp == 0, "parallel.sp",
+                 f"parallel.tp ({p.tp}) must divide model.seq_length ({m.seq_length})")
+        _require(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
+                 f"{t.global_batch_size} is not a multiple of train.micro_batch_size ({t.micro_batch_size})")
+        return self
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data parallelism is what the world size leaves after TP x PP."""
+        from .errors import ConfigError
+
+        mp = self.parallel.tp * self.parallel.pp
+        if world_size % mp:
+            raise ConfigError(f"parallel: world size {world_size} is not divisible by tp x pp = {mp}; "
+                              f"launch a multiple of {mp} processes or change parallel.tp/parallel.pp")
+        dp = world_size // mp
+        per_step = self.train.micro_batch_size * dp
+        if self.train.global_batch_size % per_step:
+            raise ConfigError(f"train.global_batch_size: {self.train.global_batch_size} is not a multiple of "
+                              f"train.micro_batch_size x data-parallel size = {per_step}")
+        microbatches = self.train.global_batch_size // per_step
+        if self.parallel.vpp and microbatches % self.parallel.pp:
+            raise ConfigError(f"parallel.vpp: interleaved pipelining needs micro-batches per rank "
+                              f"({microbatches}) to be a multiple of parallel.pp ({self.parallel.pp})")
+        return dp
+
+    def run_dir(self) -> str:
+        return self.run.dir.format(name=self.run.name)
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        # Raised inside pydantic validation; loader.py turns it into a one-line ConfigError.
+        raise ValueError(f"@{field}: {message}")

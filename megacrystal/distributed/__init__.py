@@ -1,0 +1,1 @@
+"""Process groups, parallel layout and the CPU compatibility layer for megatron-core."""

@@ -1,0 +1,187 @@
+"""Every workaround that lets megatron-core 0.16.x run on a CPU-only torch build, and nothing else.
+
+megatron-core assumes CUDA throughout. Each patch below names the upstream behaviour it works around and
+is kept as narrow as it can be: megatron's own view of `torch` is redirected (not torch itself), and
+tensor-method aliases exist only while the named megatron function runs. `apply()` is a no-op when CUDA
+is available, so GPU runs use megatron-core unmodified. tests/distributed/test_cpu_compat.py shows each
+patch is still needed (the upstream call fails without it) and that it works.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import types
+
+import torch
+
+_CPU = torch.device("cpu")
+# torch factories that megatron calls with a literal device="cuda" (schedules.py total_num_tokens,
+# transformer/utils.py causal masks, optimizer.py/clip_grads.py scalars, param_and_grad_buffer.py).
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like",
+              "empty_like", "full_like", "rand", "randn", "randint")
+# megatron subpackages whose modules get the CPU view of torch; imported up front so they exist.
+_MEGATRON_MODULES = (
+    "megatron.core.parallel_state",
+    "megatron.core.tensor_parallel",
+    "megatron.core.transformer",
+    "megatron.core.models.gpt",
+    "megatron.core.pipeline_parallel",
+    "megatron.core.distributed",
+    "megatron.core.optimizer",
+    "megatron.core.dist_checkpointing",
+)
+
+
+def needed() -> bool:
+    """True when the patches apply: no usable CUDA device."""
+    return not torch.cuda.is_available()
+
+
+def _on_cpu(device) -> bool:
+    return device is not None and str(device).startswith("cuda")
+
+
+def _cpu_factory(fn):
+    @functools.wraps(fn)
+    def factory(*args, **kwargs):
+        if _on_cpu(kwargs.get("device")):
+            kwargs["device"] = _CPU
+            kwargs.pop("pin_memory", None)
+        return fn(*args, **kwargs)
+
+    return factory
+
+
+class _CudaOnCpu(types.ModuleType):
+    """megatron's `torch.cuda`: current_device() is the CPU, syncs are no-ops, RNG is the CPU generator.
+
+    Works around ~100 `device=torch.cuda.current_device()` sites (layers, rotary embedding, buffers)
+    and `torch.cuda.synchronize/empty_cache/get_rng_state/manual_seed` calls that raise on CPU builds.
+    """
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+        self.current_device = lambda: _CPU
+        self.synchronize = lambda *a, **k: None
+        self.empty_cache = lambda: None
+        self.get_rng_state = lambda device="cuda": torch.get_rng_state()
+        # Not torch.manual_seed: that reseeds every device and would recurse through torch.cuda.
+        self.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _TorchOnCpu(types.ModuleType):
+    """The `torch` that megatron modules see: real torch, but device="cuda" factories build on CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in _FACTORIES:
+            setattr(self, name, _cpu_factory(getattr(torch, name)))
+        self.cuda = _CudaOnCpu()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_TORCH_ON_CPU = _TorchOnCpu()
+_applied = False
+
+
+def _redirect_megatron_torch() -> int:
+    """Point the global `torch` of every loaded megatron.core module at the CPU view; return the count."""
+    count = 0
+    for name, module in list(sys.modules.items()):
+        if name.startswith("megatron.core") and getattr(module, "torch", None) is torch:
+            module.torch = _TORCH_ON_CPU
+            count += 1
+    return count
+
+
+def _cpu_rng_tracker() -> None:
+    """tensor_parallel.random reads/writes torch.cuda default generators directly; use the CPU one."""
+    import megatron.core.tensor_parallel.random as mp_random
+
+    mp_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+
+
+_orig_tensor_type = torch.Tensor.type
+_CUDA_TYPE_NAMES = {"torch.FloatTensor", "torch.HalfTensor", "torch.BFloat16Tensor"}
+
+
+def _type_as_cuda(self, dtype=None, non_blocking=False, **kwargs):
+    name = _orig_tensor_type(self, dtype, non_blocking, **kwargs) if (dtype or kwargs) else _orig_tensor_type(self)
+    if dtype is None and not kwargs and name in _CUDA_TYPE_NAMES:
+        return "torch.cuda." + name[len("torch."):]
+    return name
+
+
+@contextlib.contextmanager
+def _cuda_tensor_aliases():
+    """While active: Tensor.type() names CPU float tensors 'torch.cuda.*' and Tensor.cuda() is a no-op."""
+    saved_type, saved_cuda = torch.Tensor.type, torch.Tensor.cuda
+    torch.Tensor.type = _type_as_cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.Tensor.type, torch.Tensor.cuda = saved_type, saved_cuda
+
+
+def _with_cuda_tensor_aliases(fn):
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with _cuda_tensor_aliases():
+            return fn(*args, **kwargs)
+
+    wrapped.__megacrystal_cpu_compat__ = True
+    return wrapped
+
+
+def _scope_tensor_aliases() -> None:
+    """Give the megatron functions that string-match 'torch.cuda.*Tensor' or call .cuda() the aliases.
+
+    - optimizer.Float16OptimizerWithFloat16Params.__init__ and distrib_optimizer.DistributedOptimizer
+      (__init__, _build_model_and_main_param_groups) classify params by `param.type()` and raise
+      "Wrapped parameters must be one of torch.cuda.FloatTensor..." for CPU tensors.
+    - clip_grads.clip_grad_by_total_norm_fp32 asserts `param.grad.type() == 'torch.cuda.FloatTensor'`.
+    - LanguageModule.setup_embeddings_and_output_layer does `weight.data.cuda()` before the all-reduce
+      that ties the last pipeline stage's output weight to the embedding.
+    """
+    from megatron.core.models.common.language_module import language_module
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+
+    targets = [
+        (optimizer.Float16OptimizerWithFloat16Params, "__init__"),
+        (distrib_optimizer.DistributedOptimizer, "__init__"),
+        (language_module.LanguageModule, "setup_embeddings_and_output_layer"),
+        (clip_grads, "clip_grad_by_total_norm_fp32"),
+        (optimizer, "clip_grad_by_total_norm_fp32"),  # imported by name into optimizer.py
+    ]
+    for owner, name in targets:
+        fn = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        if not getattr(fn, "__megacrystal_cpu_compat__", False):
+            setattr(owner, name, _with_cuda_tensor_aliases(fn))
+
+
+def apply() -> bool:
+    """Apply every CPU workaround once per process if CUDA is absent; return whether they are active.
+
+    Safe to call again after importing more of megatron-core: newly loaded modules get the CPU view too.
+    """
+    global _applied
+    if not needed():
+        return False
+    import importlib
+
+    for name in _MEGATRON_MODULES:
+        importlib.import_module(name)
+    _redirect_megatron_torch()
+    if not _applied:
+        _cpu_rng_tracker()
+        _scope_tensor_aliases()
+        _applied = True
+    return True

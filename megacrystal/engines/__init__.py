@@ -1,0 +1,1 @@
+"""Training engines: one small protocol, implemented with megatron-core (and DeepSpeed)."""

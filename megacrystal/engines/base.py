@@ -1,0 +1,36 @@
+"""What the trainer needs from an engine; megatron (DDP / distributed optimizer) and DeepSpeed implement it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Microbatch:
+    """One micro-batch of packed token sequences: inputs, next-token labels and a loss mask, all [b, s]."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+
+
+@dataclass
+class StepResult:
+    """Global (all-rank) results of one optimizer step."""
+
+    loss: float  # mean per-token loss over the global batch
+    tokens: int  # tokens that carried loss in the global batch
+    grad_norm: float
+    skipped: bool  # the optimizer skipped the update (non-finite gradients)
+
+
+class Engine(Protocol):
+    def train_step(self, microbatches: list[Microbatch], lr: float) -> StepResult:
+        """Forward, backward and one optimizer step over this rank's micro-batches at learning rate `lr`."""
+        ...
+
+    def eval_loss(self, microbatches: list[Microbatch]) -> tuple[float, int]:
+        """Global (loss sum, token count) of a forward pass without gradients."""
+        ...

@@ -1,0 +1,128 @@
+"""The megatron-core engine: DDP (or the distributed optimizer), 1F1B / interleaved pipeline schedules."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from ..config import Config
+from ..distributed.runtime import Layout
+from ..model.crystal import build_model_chunks
+from ..model.init import init_crystal_weights
+from ..model.param_groups import megatron_group_overrides
+from .base import Microbatch, StepResult
+
+
+class MegatronEngine:
+    """Builds this rank's Crystal chunks, wraps them in megatron DDP and runs training steps."""
+
+    def __init__(self, config: Config, layout: Layout):
+        self.config, self.layout = config, layout
+        chunks = build_model_chunks(config.model, config.parallel, config.train.precision)
+        init_crystal_weights(chunks, config.model, config.train.seed)
+        self.tconfig = chunks[0].config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=config.parallel.distributed_optimizer,
+            overlap_grad_reduce=False,
+            average_in_collective=False,  # required with per-token loss: grads are summed, then / tokens
+        )
+        self.model = [
+            DistributedDataParallel(config=self.tconfig, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=index > 0)
+            for index, chunk in enumerate(chunks)
+        ]
+        no_sync = [m.no_sync for m in self.model]
+        self.tconfig.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        o = config.optim
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",  # megatron's Adam with decoupled weight decay (AdamW)
+                lr=o.lr,
+                min_lr=o.end_lr,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.betas[0],
+                adam_beta2=o.betas[1],
+                adam_eps=o.eps,
+                clip_grad=o.clip_grad,
+                bf16=config.train.precision == "bf16",
+                params_dtype=self.tconfig.params_dtype,
+                use_distributed_optimizer=config.parallel.distributed_optimizer,
+            ),
+            self.model,
+            config_overrides=megatron_group_overrides(config.model),
+        )
+        if config.train.precision == "bf16":
+            self.tconfig.grad_scale_func = self.optimizer.scale_loss
+        self._forward_backward = get_forward_backward_func()
+
+    # -- one step ---------------------------------------------------------------------------------------
+    def set_lr(self, lr: float) -> None:
+        """Base LR for this step; each muP group scales it by its lr_mult (and weight decay by wd_mult)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.config.optim.weight_decay * group.get("wd_mult", 1.0)
+
+    def train_step(self, microbatches: list[Microbatch], lr: float) -> StepResult:
+        for chunk in self.model:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.set_lr(lr)
+        reduced = self._run(microbatches, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        loss_sum, tokens = self._global_loss(reduced)
+        return StepResult(loss=loss_sum / max(tokens, 1), tokens=tokens,
+                          grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), skipped=not ok)
+
+    @torch.no_grad()
+    def eval_loss(self, microbatches: list[Microbatch]) -> tuple[float, int]:
+        for chunk in self.model:
+            chunk.eval()
+        return self._global_loss(self._run(microbatches, forward_only=True))
+
+    # -- internals --------------------------------------------------------------------------------------
+    def _run(self, microbatches: list[Microbatch], forward_only: bool) -> list[dict]:
+        tokens = microbatches[0].tokens
+        iterators = [iter(microbatches) for _ in self.model]
+        return self._forward_backward(
+            forward_step_func=self._forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.model,
+            num_microbatches=len(microbatches),
+            seq_length=tokens.shape[1],
+            micro_batch_size=tokens.shape[0],
+            forward_only=forward_only,
+        )
+
+    def _forward_step(self, data_iterator, model):
+        batch: Microbatch = next(data_iterator)
+        device = self.layout.device
+        tokens = batch.tokens.to(device, non_blocking=True)
+        positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+        # With labels, GPTModel returns the per-token cross entropy [b, s] (vocab-parallel under TP).
+        output = model(tokens, positions, None, labels=batch.labels.to(device, non_blocking=True))
+        return output, partial(_sum_loss, batch.loss_mask.to(device, non_blocking=True))
+
+    def _global_loss(self, reduced: list[dict]) -> tuple[float, int]:
+        """Sum (loss, tokens) over micro-batches and data-parallel ranks; every rank gets the result."""
+        total = torch.zeros(2, dtype=torch.float64, device=self.layout.device)
+        if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
+            for item in reduced:
+                total += item["lm loss"].to(total)
+        dist.all_reduce(total)
+        return float(total[0]), int(total[1])
+
+
+def _sum_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Summed masked loss and its token count; megatron divides gradients by the global token count."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(per_token_loss.float().reshape(-1) * mask)
+    count = mask.sum()
+    return loss_sum, count.to(torch.int), {"lm loss": torch.stack([loss_sum.detach().clone(), count])}

@@ -1,0 +1,116 @@
+"""The Crystal architecture on megatron-core's GPTModel.
+
+Crystal (crystal-spec §1.2) is a pre-LN decoder: LayerNorm with bias, SwiGLU `up * silu(gate)` with biases,
+rotary position embedding on the first 25% of each head in the interleaved (GPT-J) layout, attention scores
+divided by head_dim (muP), embeddings x 14.6 and logits x 0.13875, tied input/output embeddings, no output bias,
+no dropout. Everything except the two muP multipliers is a megatron-core config option; the multipliers are
+forward hooks, so the stored weights stay exactly Crystal's.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..config.schema import ModelSection, ParallelSection
+from .norm import CrystalLayerNorm
+
+
+def transformer_config(model: ModelSection, parallel: ParallelSection, precision: str = "fp32") -> TransformerConfig:
+    """megatron-core TransformerConfig for a Crystal model under the given parallel layout."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_heads,
+        kv_channels=model.head_dim,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization="LayerNorm",
+        layernorm_epsilon=model.layernorm_eps,
+        gated_linear_unit=True,  # fc1 = [gate; up], act = silu(gate) * up
+        activation_func=F.silu,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        rotary_interleaved=model.rotary_interleaved,
+        softmax_scale=(1.0 / model.head_dim) if model.scale_qk_dot_by_d else None,
+        apply_query_key_layer_scaling=False,
+        attention_softmax_in_fp32=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        sequence_parallel=parallel.sp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=precision == "bf16",
+        # Weights are initialised by model/init.py, identically for every parallel layout.
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        # Loss is summed over tokens and gradients are divided by the global token count, so micro-batching
+        # and data parallelism give exactly the single-process gradient.
+        calculate_per_token_loss=True,
+        # The fused kernels need apex/Transformer Engine; the torch paths are exact and run everywhere.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def block_spec(config: TransformerConfig, vp_stage: int | None) -> TransformerBlockSubmodules:
+    """megatron's local layer spec with Crystal's LayerNorm for both per-layer norms and the final norm."""
+    layer = get_gpt_layer_local_spec(normalization="LayerNorm")
+    layer.submodules.input_layernorm = CrystalLayerNorm
+    layer.submodules.pre_mlp_layernorm = CrystalLayerNorm
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=CrystalLayerNorm)
+
+
+class CrystalGPTModel(GPTModel):
+    """GPTModel plus Crystal's muP multipliers: embeddings x embeddings_scale, logits x output_logits_scale."""
+
+    def __init__(self, *args, embeddings_scale: float, output_logits_scale: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.embeddings_scale = embeddings_scale
+        self.output_logits_scale = output_logits_scale
+        if self.pre_process:  # the embedding exists on the first pipeline stage only
+            self.embedding.register_forward_hook(self._scale_embeddings)
+        if self.post_process:  # scales the vocab-parallel logit shard before the loss, on every TP rank
+            self.output_layer.register_forward_hook(self._scale_logits)
+
+    def _scale_embeddings(self, module, inputs, output):
+        return output * self.embeddings_scale
+
+    def _scale_logits(self, module, inputs, output):
+        logits, bias = output
+        return logits * self.output_logits_scale, bias
+
+
+def build_model_chunks(model: ModelSection, parallel: ParallelSection, precision: str = "fp32") -> list[CrystalGPTModel]:
+    """This rank's model: one chunk, or one per virtual pipeline stage (interleaved 1F1B)."""
+    config = transformer_config(model, parallel, precision)
+    chunks = []
+    for vp_stage in range(parallel.vpp) if parallel.vpp else [None]:
+        chunks.append(CrystalGPTModel(
+            config=config,
+            transformer_layer_spec=block_spec(config, vp_stage),
+            vocab_size=model.vocab_size,
+            max_sequence_length=model.seq_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=True,
+            position_embedding_type="rope",
+            rotary_percent=model.rotary_percent,
+            rotary_base=int(model.rotary_base),
+            vp_stage=vp_stage,
+            embeddings_scale=model.embeddings_scale,
+            output_logits_scale=model.output_logits_scale,
+        ))
+    return chunks

@@ -1,0 +1,42 @@
+"""Layout-independent parameter names: the same name for a weight under any TP/PP/VPP split."""
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import torch
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def global_named_parameters(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """Yield (global name, parameter) for one model chunk.
+
+    megatron names a pipeline stage's layers from 0; the layer's `layer_number` (1-based, global) gives
+    the index in the whole model. The last stage's tied output weight is the embedding.
+    """
+    layers = chunk.decoder.layers
+    for name, param in chunk.named_parameters():
+        match = _LAYER.match(name)
+        if match:
+            index = layers[int(match.group(1))].layer_number - 1
+            name = f"decoder.layers.{index}." + name[match.end():]
+        elif name == "output_layer.weight":
+            name = EMBEDDING
+        yield name, param
+
+
+def param_kind(name: str, ndim: int) -> str:
+    """Crystal's muP role of a parameter: embedding, hidden (2-D kernels), output (2-D projections), norm, bias."""
+    if name == EMBEDDING or name.startswith("output_layer."):
+        return "embedding"
+    if name.endswith(".bias"):
+        return "bias"
+    if "layernorm" in name:
+        return "norm"
+    if ndim == 2 and (name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight")):
+        return "output"
+    if ndim == 2:
+        return "hidden"
+    raise ValueError(f"unclassified parameter {name} (ndim {ndim})")

@@ -1,0 +1,1 @@
+"""The training loop, metrics, progress reporting (and, later, checkpoints and signals)."""

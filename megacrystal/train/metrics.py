@@ -1,0 +1,46 @@
+"""The metrics contract: one JSON object per logged step in metrics.jsonl, the same scalars in TensorBoard."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class MetricsWriter:
+    """Appends to <run>/metrics.jsonl and writes TensorBoard events (main rank only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Log one record; numeric fields (and nested dicts of numbers) also go to TensorBoard."""
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
+        step = record["step"]
+        for key, value in record.items():
+            if key == "step":
+                continue
+            if isinstance(value, dict):
+                for sub, v in value.items():
+                    if _is_number(v):
+                        self._tb.add_scalar(f"{key}/{sub}", v, step)
+            elif _is_number(value):
+                self._tb.add_scalar(f"train/{key}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

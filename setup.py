@@ -1,0 +1,32 @@
+"""megacrystal: distributed pretraining of Crystal-family LLMs on megatron-core."""
+from setuptools import find_packages, setup
+
+# torch is pinned to the CPU wheel that launch/setup_env.sh installs first; a looser pin here would
+# let pip resolve a multi-GB CUDA build on a fresh machine.
+INSTALL_REQUIRES = [
+    "torch==2.13.0",
+    "megatron-core==0.16.1",  # newest release that supports Python 3.11
+    "numpy>=2.0,<2.5",
+    "psutil==7.2.2",  # undeclared runtime dependency of megatron-core's dist_checkpointing
+    "pydantic==2.14.3",
+    "PyYAML==6.0.3",
+    "sentencepiece==0.2.3",
+    "tensorboard==2.21.0",
+    "tqdm==4.70.1",
+    "matplotlib==3.11.2",
+]
+
+setup(
+    name="megacrystal",
+    version="0.1.0",
+    description="Distributed pretraining of LLM360 Crystal-family models on megatron-core",
+    packages=find_packages(include=["megacrystal", "megacrystal.*"]),
+    python_requires=">=3.11,<3.12",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest==9.2.0", "hypothesis==6.170.15"],
+        # Used only when a GPU is present; never required on the CPU path.
+        "gpu": ["transformer-engine", "apex"],
+    },
+    entry_points={"console_scripts": ["megacrystal = megacrystal.cli:main"]},
+)

@@ -1,0 +1,121 @@
+"""Checks that need megatron-core in one process; run in a spawned rank by test_crystal.py."""
+from __future__ import annotations
+
+import resource
+
+import torch
+
+from megacrystal.config import config_from_dict, load_config
+from megacrystal.distributed.runtime import setup_parallel, teardown_parallel
+
+from .reference import crystal_logits
+
+SMALL = {
+    "model": {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "ffn_hidden_size": 96, "vocab_size": 128,
+              "seq_length": 32, "embeddings_scale": 14.6, "output_logits_scale": 0.13875,
+              "mup_width_scale": 0.25},
+    "optim": {"lr": 1e-3},
+    "train": {"steps": 1, "global_batch_size": 2, "seed": 7},
+}
+
+
+def reference_weights(sd: dict[str, torch.Tensor], num_layers: int, num_heads: int) -> dict[str, torch.Tensor]:
+    """megatron-core's Crystal state dict -> the spec's per-matrix weights (q, k, v, up, gate separate)."""
+    w = {"wte": sd["embedding.word_embeddings.weight"],
+         "ln_f.weight": sd["decoder.final_layernorm.weight"], "ln_f.bias": sd["decoder.final_layernorm.bias"]}
+    for i in range(num_layers):
+        m, p = f"decoder.layers.{i}.", f"h.{i}."
+        qkv_w, qkv_b = sd[m + "self_attention.linear_qkv.weight"], sd[m + "self_attention.linear_qkv.bias"]
+        hidden = qkv_w.shape[1]
+        dh = hidden // num_heads
+        qkv_w, qkv_b = qkv_w.view(num_heads, 3, dh, hidden), qkv_b.view(num_heads, 3, dh)  # per head [q; k; v]
+        for j, name in enumerate("qkv"):
+            w[p + f"attn.{name}.weight"] = qkv_w[:, j].reshape(hidden, hidden)
+            w[p + f"attn.{name}.bias"] = qkv_b[:, j].reshape(hidden)
+        w[p + "attn.proj.weight"] = sd[m + "self_attention.linear_proj.weight"]
+        w[p + "attn.proj.bias"] = sd[m + "self_attention.linear_proj.bias"]
+        gate_w, up_w = sd[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)  # fc1 = [gate; up]
+        gate_b, up_b = sd[m + "mlp.linear_fc1.bias"].chunk(2, dim=0)
+        w.update({p + "mlp.gate.weight": gate_w, p + "mlp.gate.bias": gate_b,
+                  p + "mlp.up.weight": up_w, p + "mlp.up.bias": up_b,
+                  p + "mlp.down.weight": sd[m + "mlp.linear_fc2.weight"],
+                  p + "mlp.down.bias": sd[m + "mlp.linear_fc2.bias"]})
+        for mine, spec in (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2")):
+            w[p + spec + ".weight"], w[p + spec + ".bias"] = sd[m + mine + ".weight"], sd[m + mine + ".bias"]
+    return w
+
+
+def forward_against_reference() -> dict:
+    """Max relative logit difference of megatron Crystal vs the plain-PyTorch spec (and negative controls)."""
+    from megacrystal.model.crystal import build_model_chunks
+    from megacrystal.model.init import init_crystal_weights
+
+    config = config_from_dict(SMALL)
+    m = config.model
+    setup_parallel(config)
+    try:
+        (model,) = build_model_chunks(m, config.parallel)
+        init_crystal_weights([model], m, seed=3)
+        gen = torch.Generator().manual_seed(11)
+        with torch.no_grad():  # make every bias and norm parameter matter
+            for name, param in model.named_parameters():
+                base = 1.0 if name.endswith("layernorm.weight") else 0.0
+                param.copy_(base + 0.2 * torch.randn(param.shape, generator=gen))
+        tokens = torch.randint(0, m.vocab_size, (2, m.seq_length), generator=gen)
+        positions = torch.arange(m.seq_length).expand_as(tokens)
+        model.eval()
+        with torch.no_grad():
+            ours = model(tokens, positions, None)
+        weights = reference_weights({k: v.detach() for k, v in model.state_dict().items()
+                                     if not k.endswith("_extra_state")}, m.num_layers, m.num_heads)
+        kwargs = dict(num_layers=m.num_layers, num_heads=m.num_heads, rotary_dim=m.rotary_dim,
+                      rotary_base=m.rotary_base, eps=m.layernorm_eps, embeddings_scale=m.embeddings_scale,
+                      output_logits_scale=m.output_logits_scale)
+        ref = crystal_logits(weights, tokens, **kwargs)
+        rotate_half = crystal_logits(weights, tokens, **kwargs, interleaved=False)
+        no_mup = crystal_logits(weights, tokens, **{**kwargs, "embeddings_scale": 1.0})
+
+        def rel(a, b):
+            return float((a - b).abs().max() / b.abs().max())
+
+        return {"rel": rel(ours, ref), "rel_rotate_half": rel(rotate_half, ref), "rel_no_mup": rel(no_mup, ref),
+                "shape": tuple(ours.shape), "rotary_dim": m.rotary_dim, "head_dim": m.head_dim}
+    finally:
+        teardown_parallel()
+
+
+def crystal_7b_on_meta(config_path: str) -> dict:
+    """Build the real 7B on the meta device; report per-parameter init std and optimizer groups."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer import _get_param_groups
+
+    from megacrystal.model.crystal import build_model_chunks
+    from megacrystal.model.init import init_std
+    from megacrystal.model.names import global_named_parameters, param_kind
+    from megacrystal.model.param_groups import megatron_group_overrides
+
+    config = load_config(config_path, ["parallel.tp=1", "parallel.pp=1", "parallel.sp=false",
+                                       "parallel.distributed_optimizer=false"])
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    setup_parallel(config)
+    try:
+        with torch.device("meta"):
+            (model,) = build_model_chunks(config.model, config.parallel, "fp32")
+        rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        params = {}
+        for name, param in global_named_parameters(model):
+            kind = param_kind(name, param.dim())
+            params[name] = {"kind": kind, "std": init_std(config.model, kind), "numel": param.numel(),
+                            "meta": param.is_meta}
+        groups = _get_param_groups([model], OptimizerConfig(lr=config.optim.lr, weight_decay=0.1),
+                                   megatron_group_overrides(config.model))
+        ids = {id(p): n for n, p in model.named_parameters()}
+        group_of = {ids[id(p)]: (g["lr_mult"], g["wd_mult"]) for g in groups for p in g["params"]}
+        return {"params": params, "groups": group_of, "rss_growth_kb": rss_after - rss_before}
+    finally:
+        teardown_parallel()
+
+
+def model_checks(config_path: str) -> dict:
+    """Everything test_crystal.py asserts on, from one process (megatron-core imports once)."""
+    return {"forward": forward_against_reference(), "meta7b": crystal_7b_on_meta(config_path)}
