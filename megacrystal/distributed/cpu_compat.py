@@ -185,3 +185,15 @@ def apply() -> bool:
         _scope_tensor_aliases()
         _applied = True
     return True
+
+
+def transformer_config_overrides() -> dict:
+    """TransformerConfig fields that must differ on CPU (gloo); empty when CUDA is present.
+
+    batch_p2p_comm: megatron's batched pipeline p2p posts [send_prev, recv_prev, send_next, recv_next]
+    together and relies on NCCL's grouped semantics. gloo matches point-to-point messages between two ranks
+    by posting order, so with two pipeline ranks and virtual stages (where prev == next) an activation
+    and a gradient of the same shape arrive swapped and training silently diverges. The unbatched path
+    sends the two directions over different groups.
+    """
+    return {} if not needed() else {"batch_p2p_comm": False}

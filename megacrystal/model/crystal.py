@@ -17,6 +17,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config.schema import ModelSection, ParallelSection
+from ..distributed import cpu_compat
 from .norm import CrystalLayerNorm
 
 
@@ -61,6 +62,7 @@ def transformer_config(model: ModelSection, parallel: ParallelSection, precision
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **cpu_compat.transformer_config_overrides(),
     )
 
 

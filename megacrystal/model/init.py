@@ -9,9 +9,10 @@ import hashlib
 
 import torch
 from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from ..config.schema import ModelSection
-from .names import global_named_parameters, param_kind
+from .names import global_named_parameters, global_shape, param_kind
 
 
 def init_std(model: ModelSection, kind: str) -> float | None:
@@ -25,10 +26,20 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-def _shard(full: torch.Tensor, param: torch.nn.Parameter, name: str, tp: int, tp_rank: int) -> torch.Tensor:
-    if not getattr(param, "tensor_model_parallel", False) or tp == 1:
+def _split_dim(full_shape, local_shape, name: str, tp: int) -> int | None:
+    """The dim that tensor parallelism splits (None when the parameter is replicated)."""
+    dims = [d for d, (g, l) in enumerate(zip(full_shape, local_shape)) if g != l]
+    if not dims:
+        return None
+    if len(dims) > 1 or full_shape[dims[0]] != local_shape[dims[0]] * tp:
+        raise ValueError(f"{name}: local shape {tuple(local_shape)} is not 1/{tp} of {tuple(full_shape)}")
+    return dims[0]
+
+
+def _shard(full: torch.Tensor, dim: int | None, name: str, tp: int, tp_rank: int) -> torch.Tensor:
+    """This rank's tensor-parallel piece of `full`, split along `dim`."""
+    if dim is None:
         return full
-    dim = param.partition_dim
     if "linear_fc1" in name:
         # fc1 is [gate; up]; megatron's SwiGLU chunks the *local* output in two, so rank r holds
         # [gate_r; up_r], not a contiguous slice of the global [gate; up].
@@ -48,10 +59,14 @@ def init_crystal_weights(chunks: list[torch.nn.Module], model: ModelSection, see
             if std is None:
                 param.fill_(1.0 if kind == "norm" and name.endswith(".weight") else 0.0)
                 continue
-            full_shape = list(param.shape)
-            if getattr(param, "tensor_model_parallel", False):
-                full_shape[param.partition_dim] *= tp
-            full = torch.empty(full_shape, dtype=torch.float32)
+            # megatron sets no partition attributes when it skips initialisation, so the split is found
+            # by comparing the local shape with the unsplit one.
+            full = torch.empty(global_shape(name, model), dtype=torch.float32)
             bound = model.init.truncation * std
             torch.nn.init.trunc_normal_(full, 0.0, std, -bound, bound, generator=_generator(seed, name))
-            param.copy_(_shard(full, param, name, tp, tp_rank))
+            dim = _split_dim(full.shape, param.shape, name, tp)
+            param.copy_(_shard(full, dim, name, tp, tp_rank))
+            if dim is not None and not hasattr(param, "tensor_model_parallel"):
+                # megatron marks split weights only when it initialises them itself; the grad norm and
+                # checkpointing count a weight without the mark once per TP group instead of once per shard.
+                set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)

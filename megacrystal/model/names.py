@@ -40,3 +40,22 @@ def param_kind(name: str, ndim: int) -> str:
     if ndim == 2:
         return "hidden"
     raise ValueError(f"unclassified parameter {name} (ndim {ndim})")
+
+
+def global_shape(name: str, m) -> tuple[int, ...]:
+    """Shape of a parameter in the unsplit model (m: ModelSection); megatron's TP shards divide one dim."""
+    h, f = m.hidden_size, m.ffn_hidden_size
+    if name == EMBEDDING:
+        return (m.vocab_size, h)
+    shapes = {
+        "self_attention.linear_qkv.weight": (3 * h, h), "self_attention.linear_qkv.bias": (3 * h,),
+        "self_attention.linear_proj.weight": (h, h), "self_attention.linear_proj.bias": (h,),
+        "mlp.linear_fc1.weight": (2 * f, h), "mlp.linear_fc1.bias": (2 * f,),
+        "mlp.linear_fc2.weight": (h, f), "mlp.linear_fc2.bias": (h,),
+    }
+    for suffix, shape in shapes.items():
+        if name.endswith(suffix):
+            return shape
+    if "layernorm" in name:
+        return (h,)
+    raise ValueError(f"no global shape for parameter {name}")
