@@ -6,6 +6,7 @@ import os
 import sys
 
 from .config import Config, ConfigError, load_config
+from .quiet import quiet_expected_warnings
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +49,8 @@ def _info(config: Config, world_size: int | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if not args.debug:
+        quiet_expected_warnings()
     try:
         config = load_config(args.config, args.overrides)
         if args.command == "info":

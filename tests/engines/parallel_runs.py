@@ -4,6 +4,7 @@ from __future__ import annotations
 import tempfile
 
 from megacrystal.config import config_from_dict
+from megacrystal.distributed import cpu_compat
 from megacrystal.train.loop import train
 
 TINY = {
@@ -23,12 +24,22 @@ def _with(overrides: dict, base: dict = TINY) -> dict:
     return merged
 
 
-def losses_per_layout(layouts: dict[str, dict]) -> dict[str, dict]:
-    """name -> {loss, grad_norm} per step, for each layout (parallel.* overrides), run one after another."""
+def losses_per_layout(layouts: dict[str, dict], without_cpu_config: tuple[str, ...] = ()) -> dict[str, dict]:
+    """name -> {loss, grad_norm} per step, for each layout (parallel.* overrides), run one after another.
+
+    Layouts named in `without_cpu_config` run without cpu_compat's TransformerConfig overrides, to show
+    they are still needed.
+    """
     results = {}
     for name, overrides in layouts.items():
         with tempfile.TemporaryDirectory() as run_dir:
             config = config_from_dict(_with({**overrides, "run.dir": run_dir}))
-            records = train(config)
+            saved = cpu_compat.transformer_config_overrides
+            if name in without_cpu_config:
+                cpu_compat.transformer_config_overrides = lambda: {}
+            try:
+                records = train(config)
+            finally:
+                cpu_compat.transformer_config_overrides = saved
         results[name] = {"loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records]}
     return results

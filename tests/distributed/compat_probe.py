@@ -1,0 +1,65 @@
+"""Runs in a fresh spawned process: each upstream call before and after megacrystal's CPU patches."""
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+
+def _attempt(fn) -> str:
+    try:
+        fn()
+        return "ok"
+    except Exception as err:  # noqa: BLE001 - the failure itself is what is recorded
+        return f"{type(err).__name__}: {err}"
+
+
+def _calls() -> dict:
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer import utils as transformer_utils
+
+    def clip():
+        param = torch.nn.Parameter(torch.ones(4))
+        param.grad = torch.full((4,), 2.0)
+        clip_grads.clip_grad_by_total_norm_fp32([param], max_norm=1.0, total_norm=4.0)
+        assert torch.allclose(param.grad, torch.full((4,), 0.5), atol=1e-5), param.grad
+
+    return {
+        "causal_mask": lambda: transformer_utils.get_default_causal_mask(4),  # literal device="cuda"
+        "rotary": lambda: RotaryEmbedding(kv_channels=8, rotary_percent=1.0)(4),  # torch.cuda.current_device()
+        "rng_state": lambda: mp_random._get_cuda_rng_state(),  # CUDA default generators
+        "clip_grads": clip,  # asserts grad.type() == 'torch.cuda.FloatTensor'
+    }
+
+
+def probe() -> dict:
+    from megacrystal.distributed import cpu_compat
+
+    before = {name: _attempt(call) for name, call in _calls().items()}
+    active = cpu_compat.apply()
+    after = {name: _attempt(call) for name, call in _calls().items()}
+    # The patches are narrow: torch itself is untouched outside the scoped megatron functions.
+    outside = {
+        "type": torch.ones(2).type(),
+        "cuda_factory": _attempt(lambda: torch.zeros(1, device="cuda")),
+        "cuda_current_device": _attempt(torch.cuda.current_device),
+    }
+    return {"before": before, "after": after, "active": active, "outside": outside, "bf16": _bf16_steps()}
+
+
+def _bf16_steps() -> list[float]:
+    """Two bf16 steps through megatron's Float16 optimizer (its `param.type()` checks need the aliases)."""
+    from megacrystal.config import config_from_dict
+    from megacrystal.train.loop import train
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        config = config_from_dict({
+            "run": {"dir": run_dir},
+            "model": {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "ffn_hidden_size": 96,
+                      "vocab_size": 128, "seq_length": 16},
+            "optim": {"lr": 0.01},
+            "train": {"steps": 2, "global_batch_size": 2, "precision": "bf16", "threads": 1},
+        })
+        return [r["loss"] for r in train(config)]

@@ -1,0 +1,36 @@
+"""Each CPU workaround is still needed (the upstream call fails without it), works, and stays narrow."""
+import math
+
+import pytest
+import torch
+
+from tests.helpers import run_on_ranks
+
+from .compat_probe import probe
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(torch.cuda.is_available(), reason="the patches apply only without CUDA")]
+
+
+@pytest.fixture(scope="module")
+def result():
+    return run_on_ranks(probe, 1)[0]
+
+
+@pytest.mark.parametrize("call", ["causal_mask", "rotary", "rng_state", "clip_grads"])
+def test_upstream_call_fails_without_patch_and_works_with_it(result, call):
+    assert result["before"][call] != "ok", f"{call} now works on CPU unpatched: drop its patch"
+    assert result["after"][call] == "ok", result["after"][call]
+
+
+def test_patches_leave_torch_itself_alone(result):
+    assert result["active"] is True
+    assert result["outside"]["type"] == "torch.FloatTensor"
+    assert result["outside"]["cuda_factory"] != "ok"
+    assert result["outside"]["cuda_current_device"] != "ok"
+
+
+def test_bf16_training_runs_on_cpu(result):
+    losses = result["bf16"]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert losses[0] == pytest.approx(math.log(128), rel=0.05)  # near-uniform logits at init
