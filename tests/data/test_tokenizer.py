@@ -1,0 +1,135 @@
+"""CrystalTokenizer and train_tokenizer on a real SentencePiece model trained on stdlib text."""
+
+import json
+import pickle
+import sysconfig
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from megacrystal.data.errors import DataError
+from megacrystal.data.tokenizer import SPECIAL_TOKENS, CrystalTokenizer, pad_to_multiple, train_tokenizer
+
+VOCAB = 512
+
+
+def stdlib_text(n_files: int = 30) -> str:
+    """Real text from the running interpreter's stdlib (the same source the embedded corpus uses)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return "\n".join(p.read_text(encoding="utf-8") for p in sorted(root.glob("*.py"))[:n_files])
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tok")
+    (d / "train.txt").write_text(stdlib_text())
+    return train_tokenizer([d / "train.txt"], d / "tok", VOCAB)
+
+
+@pytest.fixture(scope="module")
+def tok(model_path) -> CrystalTokenizer:
+    return CrystalTokenizer.load(model_path)
+
+
+def test_special_tokens_follow_base_vocab_in_spec_order(tok):
+    assert tok.base_vocab_size == VOCAB
+    assert len(SPECIAL_TOKENS) == 18
+    assert [tok.special_ids[t] for t in SPECIAL_TOKENS] == list(range(VOCAB, VOCAB + 18))
+    assert tok.special_ids["<fim_prefix>"] == VOCAB and tok.special_ids["<fim_middle>"] == VOCAB + 1
+    assert tok.special_ids["<fim_suffix>"] == VOCAB + 2 and tok.special_ids["<fim_pad>"] == VOCAB + 3
+    assert tok.special_ids["<reponame>"] == VOCAB + 17
+    assert tok.fim_ids == {"prefix": VOCAB, "middle": VOCAB + 1, "suffix": VOCAB + 2, "pad": VOCAB + 3}
+
+
+def test_crystal_numbers_for_a_32000_base():
+    # The spec's ids (32000..32017) and 32032 rows follow from the same rules for a LLaMA-sized base.
+    assert pad_to_multiple(32000 + 18, 32) == 32032
+    assert pad_to_multiple(32032, 32) == 32032
+    with pytest.raises(DataError):
+        pad_to_multiple(10, 0)
+
+
+def test_encode_never_produces_special_ids_and_decode_maps_them_back(tok):
+    ids = tok.encode("<fim_prefix>def f(): pass<fim_suffix>")
+    assert all(i < tok.base_vocab_size for i in ids)
+    assert tok.decode(ids) == "<fim_prefix>def f(): pass<fim_suffix>"
+    mixed = [tok.fim_ids["prefix"], *tok.encode("x = 1"), tok.fim_ids["middle"]]
+    assert tok.decode(mixed) == "<fim_prefix>x = 1<fim_middle>"
+    assert tok.id_to_token(VOCAB + 4) == "<filename>"
+
+
+def test_round_trip_on_real_code(tok):
+    text = stdlib_text(40)[-20000:]
+    assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_round_trip_any_text(tok, text):
+    # identity normalization + byte fallback make the tokenizer lossless, which code data relies on.
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_padded_vocab(model_path):
+    assert CrystalTokenizer.load(model_path).vocab_size == pad_to_multiple(VOCAB + 18, 32)
+    assert CrystalTokenizer.load(model_path, VOCAB + 18).vocab_size == VOCAB + 18
+    with pytest.raises(DataError, match="smaller than 530"):
+        CrystalTokenizer.load(model_path, VOCAB + 17)
+
+
+def test_decode_padding_rows_and_out_of_range(tok):
+    assert tok.decode([tok.vocab_size - 1]) == ""  # an unused embedding row decodes to nothing
+    with pytest.raises(DataError, match="outside the vocabulary"):
+        tok.decode([tok.vocab_size])
+
+
+def test_eos_bos_and_megatron_interface(tok):
+    assert (tok.eos_id, tok.bos_id) == (2, 1)  # LLaMA's layout, which Crystal's data used (eos_id 2)
+    assert tok.eod == tok.eos == 2 and tok.bos == 1
+    assert tok.vocab_size == tok.padded_vocab_size
+    assert tok.pad == tok.fim_ids["pad"]
+    json.dumps(tok.unique_identifiers)  # megatron serialises it into its cache key
+
+
+def test_fingerprint_tracks_model_size_and_eos(model_path, tok):
+    again = CrystalTokenizer.load(model_path)
+    assert again.fingerprint() == tok.fingerprint()
+    assert CrystalTokenizer.load(model_path, tok.vocab_size + 32).fingerprint() != tok.fingerprint()
+    assert CrystalTokenizer.load(model_path, eos_id=0).fingerprint() != tok.fingerprint()
+
+
+def test_pickle_round_trip(tok):
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.fingerprint() == tok.fingerprint()
+    assert clone.encode("import os") == tok.encode("import os")
+
+
+def test_training_is_deterministic_and_reads_jsonl(tmp_path, model_path):
+    lines = stdlib_text().split("\n\n")
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": t}) + "\n" for t in lines))
+    a = train_tokenizer([jsonl], tmp_path / "a", VOCAB, text_field="body")
+    b = train_tokenizer([jsonl], tmp_path / "sub" / "b", VOCAB, text_field="body")
+    assert a.read_bytes() == b.read_bytes()
+    # The same lines give the same model whether they came as .txt or as .jsonl.
+    assert a.read_bytes() == model_path.read_bytes()
+
+
+def test_load_and_train_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        CrystalTokenizer.load(tmp_path / "missing.model")
+    (tmp_path / "bad.model").write_bytes(b"not a model")
+    with pytest.raises(DataError, match="not a SentencePiece model"):
+        CrystalTokenizer.load(tmp_path / "bad.model")
+    with pytest.raises(DataError, match="not found"):
+        train_tokenizer([tmp_path / "missing.txt"], tmp_path / "t", VOCAB)
+    with pytest.raises(DataError, match="too small"):
+        train_tokenizer([tmp_path / "bad.model"], tmp_path / "t", 100)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "hello world"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"^\S*bad\.jsonl:2: no string field 'text'"):
+        train_tokenizer([bad], tmp_path / "t", 300)
+    (tmp_path / "tiny.txt").write_text("ab\n")
+    with pytest.raises(DataError, match="smaller vocab_size"):
+        train_tokenizer([tmp_path / "tiny.txt"], tmp_path / "t", 5000)
