@@ -1,0 +1,74 @@
+"""The run schema: exact Crystal values, dotted overrides, and one-line errors that name the field."""
+from pathlib import Path
+
+import pytest
+
+from megacrystal.config import ConfigError, config_from_dict, dump_config, load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TINY = CONFIGS / "crystal-tiny.yaml"
+
+
+def test_crystal_7b_values_are_the_spec():
+    c = load_config(CONFIGS / "crystal-7b.yaml")
+    m, o = c.model, c.optim
+    assert (m.num_layers, m.hidden_size, m.num_heads, m.ffn_hidden_size, m.vocab_size, m.seq_length) == \
+        (32, 4096, 32, 10922, 32032, 2048)
+    assert (m.head_dim, m.rotary_dim, m.rotary_base, m.rotary_interleaved) == (128, 32, 10000, True)
+    assert (m.embeddings_scale, m.output_logits_scale, m.mup_width_scale) == (14.6, 0.13875, 0.0625)
+    assert (m.init.embedding_std, m.init.hidden_std, m.init.output_std) == (0.073, 0.01825, 0.00228125)
+    assert (o.betas, o.eps, o.weight_decay, o.clip_grad) == ((0.9, 0.95), 1e-9, 0.1, 1.0)
+    assert c.train.global_batch_size == 2112 and m.layernorm_eps == 1e-5
+
+
+def test_overrides_set_nested_typed_values():
+    c = load_config(TINY, ["parallel.tp=2", "parallel.sp=true", "optim.lr=3e-4", "run.name=abc"])
+    assert (c.parallel.tp, c.parallel.sp, c.optim.lr, c.run.name) == (2, True, 3e-4, "abc")
+    assert c.run_dir() == "runs/abc"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    c = load_config(TINY, ["parallel.pp=2"])
+    (tmp_path / "c.yaml").write_text(dump_config(c))
+    assert load_config(tmp_path / "c.yaml") == c
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.tpp=2"], "parallel.tpp: unknown key"),
+    (["model.bogus.x=1"], "model.bogus: unknown key"),
+    (["model.num_heads=abc"], "model.num_heads: input should be a valid integer"),
+    (["train.steps=0"], "train.steps: input should be greater than 0"),
+    (["model.num_heads=5"], "model.num_heads: 5 does not divide model.hidden_size (128)"),
+    (["parallel.tp=8"], "parallel.tp: 8 does not divide model.num_heads (4)"),
+    (["parallel.pp=3"], "parallel.pp: pp x vpp = 3 does not divide model.num_layers (4)"),
+    (["parallel.pp=2", "parallel.vpp=4"], "parallel.pp: pp x vpp = 8 does not divide model.num_layers (4)"),
+    (["parallel.vpp=2"], "parallel.vpp: virtual stages need parallel.pp > 1"),
+    (["parallel.sp=true"], "parallel.sp: sequence parallelism needs parallel.tp > 1"),
+    (["model.rotary_percent=0.3"], "model.rotary_percent"),
+    (["parallel.tp"], "--set 'parallel.tp': expected key=value"),
+    (["model.num_layers.x=1"], "--set model.num_layers.x: model.num_layers is a value, not a section"),
+])
+def test_bad_values_raise_one_line_naming_the_field(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_world_size_must_fit_the_layout():
+    c = load_config(TINY, ["parallel.tp=2"])
+    assert c.data_parallel_size(4) == 2
+    with pytest.raises(ConfigError, match=r"parallel: world size 3 is not divisible by tp x pp = 2"):
+        c.data_parallel_size(3)
+    with pytest.raises(ConfigError, match=r"train.global_batch_size: 16 is not a multiple of .* = 12"):
+        load_config(TINY, ["train.micro_batch_size=4"]).data_parallel_size(3)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="model: required but missing"):
+        config_from_dict({"optim": {"lr": 1}, "train": {"steps": 1, "global_batch_size": 1}})
