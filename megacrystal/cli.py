@@ -6,6 +6,7 @@ import os
 import sys
 
 from .config import Config, ConfigError, load_config
+from .data.errors import DataError
 from .quiet import quiet_expected_warnings
 
 
@@ -25,6 +26,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="processes to lay out (default: $WORLD_SIZE, else tp x pp)")
     train = commands.add_parser("train", help="train (one process, or each rank under torchrun)")
     _add_config_args(train)
+    prepare = commands.add_parser("prepare", help="build the corpus, tokenizer and indexed datasets of a config")
+    _add_config_args(prepare)
+    plot = commands.add_parser("plot", help="write the PNG plots of a run directory")
+    plot.add_argument("run_dir")
+    plot.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     return parser
 
 
@@ -45,6 +51,9 @@ def _info(config: Config, world_size: int | None) -> None:
     print(f"per stage    {m.num_layers // stages} layers per {'virtual ' if p.vpp else ''}stage")
     print(f"batch        {t.global_batch_size} x {m.seq_length} = {t.global_batch_size * m.seq_length:,} tokens/step; "
           f"{t.global_batch_size // (t.micro_batch_size * dp)} micro-batches of {t.micro_batch_size} per rank")
+    from .schedule.from_config import plan_for
+
+    print(plan_for(config).report())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,15 +61,25 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         quiet_expected_warnings()
     try:
+        if args.command == "plot":
+            from .train.plots import plot_run
+
+            for path in plot_run(args.run_dir):
+                print(path)
+            return 0
         config = load_config(args.config, args.overrides)
-        if args.command == "info":
+        if args.command == "prepare":
+            from .data.pipeline import prepare
+
+            prepare(config)
+        elif args.command == "info":
             _info(config, args.world_size)
         elif args.command == "train":
             from .train.loop import train
 
             train(config)
         return 0
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:
         if args.debug:
             raise
         if int(os.environ.get("RANK", "0")) == 0:  # one line, from one rank

@@ -40,8 +40,10 @@ def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text  # plain strings need no quoting
-        node = raw
         parts = key.split(".")
+        _check_named_entry(raw, parts, ("data", "phases"), "phase")
+        _check_named_entry(raw, parts, ("data", "datasets"), "dataset")
+        node = raw
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
@@ -49,6 +51,19 @@ def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
             node = child
         node[parts[-1]] = value
     return raw
+
+
+def _check_named_entry(raw: dict, parts: list[str], section: tuple[str, ...], what: str) -> None:
+    """An override may change a phase or dataset the config defines, not invent one by a typo."""
+    if len(parts) <= len(section) + 1 or tuple(parts[:len(section)]) != section:
+        return
+    node = raw
+    for part in section:
+        node = node.get(part) if isinstance(node, dict) else None
+    known = list(node) if isinstance(node, dict) else []
+    if parts[len(section)] not in known:
+        raise ConfigError(f"--set {'.'.join(parts)}: unknown {what} {parts[len(section)]!r}; "
+                          f"{'.'.join(section)} has {', '.join(known) or 'none'}")
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class _Section(BaseModel):
-    # Unknown keys are errors (a typo must not silently fall back to a default).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from .base import Section as _Section
+from .base import require as _require
+from .data import DataSection
 
 
 class RunSection(_Section):
@@ -52,7 +51,9 @@ class ModelSection(_Section):
 
 
 class OptimSection(_Section):
-    lr: float = Field(gt=0)  # peak LR; hidden matrices get lr * model.mup_width_scale
+    # Without data.phases: one LR segment over train.steps (warmup to lr, decay to end_lr). With phases, each
+    # phase brings its own segment. Hidden matrices train at lr x model.mup_width_scale either way.
+    lr: Optional[float] = Field(None, gt=0)
     end_lr: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     decay_style: Literal["linear", "cosine"] = "linear"
@@ -72,7 +73,7 @@ class ParallelSection(_Section):
 
 class TrainSection(_Section):
     engine: Literal["megatron"] = "megatron"
-    steps: int = Field(gt=0)
+    steps: Optional[int] = Field(None, gt=0)  # without data.phases; with phases their budgets decide
     global_batch_size: int = Field(gt=0)
     micro_batch_size: int = Field(1, gt=0)
     seed: int = 1234
@@ -80,10 +81,6 @@ class TrainSection(_Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     threads: Optional[int] = Field(None, ge=1)  # CPU threads per rank; default: cores / local ranks
     peak_tflops_per_device: Optional[float] = Field(None, gt=0)  # for MFU; None: not reported
-
-
-class DataSection(_Section):
-    source: Literal["synthetic"] = "synthetic"
 
 
 class Config(_Section):
@@ -96,7 +93,12 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "Config":
-        m, p, t = self.model, self.parallel, self.train
+        m, p, t, d = self.model, self.parallel, self.train, self.data
+        if d.phases:
+            _require(t.steps is None, "train.steps", "omit it: data.phases set the token budgets")
+        else:
+            _require(t.steps is not None, "train.steps", "required when data.phases is empty")
+            _require(self.optim.lr is not None, "optim.lr", "required when data.phases is empty")
         _require(m.hidden_size % m.num_heads == 0, "model.num_heads",
                  f"{m.num_heads} does not divide model.hidden_size ({m.hidden_size})")
         rot = m.head_dim * m.rotary_percent
@@ -140,9 +142,3 @@ class Config(_Section):
 
     def run_dir(self) -> str:
         return self.run.dir.format(name=self.run.name)
-
-
-def _require(ok: bool, field: str, message: str) -> None:
-    if not ok:
-        # Raised inside pydantic validation; loader.py turns it into a one-line ConfigError.
-        raise ValueError(f"@{field}: {message}")

@@ -40,12 +40,17 @@ class MegatronEngine:
         no_sync = [m.no_sync for m in self.model]
         self.tconfig.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
         self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.optimizer = self._build_optimizer()
+        self._forward_backward = get_forward_backward_func()
+
+    def _build_optimizer(self):
+        config = self.config
         o = config.optim
-        self.optimizer = get_megatron_optimizer(
+        optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",  # megatron's Adam with decoupled weight decay (AdamW)
-                lr=o.lr,
-                min_lr=o.end_lr,
+                lr=o.lr or 0.0,  # set per step by set_lr
+                min_lr=0.0,
                 weight_decay=o.weight_decay,
                 adam_beta1=o.betas[0],
                 adam_beta2=o.betas[1],
@@ -59,8 +64,14 @@ class MegatronEngine:
             config_overrides=megatron_group_overrides(config.model),
         )
         if config.train.precision == "bf16":
-            self.tconfig.grad_scale_func = self.optimizer.scale_loss
-        self._forward_backward = get_forward_backward_func()
+            self.tconfig.grad_scale_func = optimizer.scale_loss
+        return optimizer
+
+    def reset_optimizer(self) -> None:
+        """Fresh optimizer state (a phase that starts from weights only, as Crystal's phase 3)."""
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer = self._build_optimizer()
 
     # -- one step ---------------------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:

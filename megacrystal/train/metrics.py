@@ -37,7 +37,7 @@ class MetricsWriter:
                 self._tb.add_scalar(f"train/{key}", value, step)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and not self._jsonl.closed:
             self._jsonl.close()
             self._tb.close()
 

@@ -72,3 +72,17 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="model: required but missing"):
         config_from_dict({"optim": {"lr": 1}, "train": {"steps": 1, "global_batch_size": 1}})
+
+
+def test_crystal_7b_three_phases_and_lr_segments():
+    from megacrystal.schedule.from_config import plan_for
+
+    plan = plan_for(load_config(CONFIGS / "crystal-7b.yaml"))
+    assert list(plan.steps) == [79_721, 214_387, 27_728]
+    start2, start3 = 79_721, 79_721 + 214_387
+    assert plan.lr_at_step(86) == pytest.approx(0.012)
+    assert plan.lr_at_step(start2 - 1) == pytest.approx(0.0087869, rel=1e-4)  # phase 1 stops mid-decay
+    assert plan.lr_at_step(start2 + 86) == pytest.approx(0.0087825)  # phase 2 re-warms to where phase 1 stopped
+    assert plan.lr_at_step(start3 + 276) == pytest.approx(0.002)
+    assert plan.phases[1].fim_rate == 0.9 and plan.phases[2].fim_rate == 0.3 and plan.phases[2].weights_only_start
+    assert plan.phases[1].weights["starcoder"] == pytest.approx(0.6281175747315507)

@@ -1,0 +1,78 @@
+"""The data part of the run schema: tokenizer, datasets, and the phases of the run."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from .base import Section, require
+
+# An input may name a domain of the embedded default corpus instead of a path.
+CORPUS_PREFIX = "corpus:"
+WEIGHT_TOLERANCE = 1e-6
+
+
+class TokenizerSection(Section):
+    model: Optional[str] = None  # an existing SentencePiece .model (e.g. LLaMA's); None: train one
+    vocab_size: int = Field(2000, ge=64)  # base vocabulary when training; 18 StarCoder tokens follow it
+    train_on: list[str] = ["prose", "python", "web"]  # datasets whose inputs train the tokenizer
+
+
+class DatasetSection(Section):
+    inputs: list[str] = Field(min_length=1)  # JSONL / text files / source directories, or corpus:<domain>
+    text_field: str = "text"
+    fim: bool = False  # a code dataset: fill-in-the-middle at the phase's fim_rate
+
+
+class LRSection(Section):
+    """A phase's LR segment: warmup from `start` to `peak`, then decay to `end` (Crystal re-warms per phase)."""
+
+    peak: float = Field(gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    end: float = Field(0.0, ge=0)
+    decay_steps: Optional[int] = Field(None, ge=0)  # None: decay over the rest of the phase
+    start: float = Field(0.0, ge=0)
+    style: Literal["linear", "cosine"] = "linear"
+
+
+class PhaseSection(Section):
+    tokens: int = Field(gt=0)  # budget; rounded to whole global batches (reported at start)
+    weights: dict[str, float] = Field(min_length=1)  # dataset name -> sampling weight
+    lr: LRSection
+    fim_rate: float = Field(0.0, ge=0, le=1)
+    weights_only_start: bool = False  # reset optimizer state at this phase's start (Crystal phase 3)
+
+
+class DataSection(Section):
+    source: Literal["synthetic", "indexed"] = "synthetic"
+    dir: str = "data/{name}"  # prepared corpus, tokenizer and datasets; "{name}" is run.name
+    tokenizer: TokenizerSection = TokenizerSection()
+    datasets: dict[str, DatasetSection] = {}
+    phases: dict[str, PhaseSection] = {}  # in run order
+    renormalize: bool = False  # scale each phase's weights to sum 1 instead of rejecting them
+    corpus_max_bytes: int = Field(3_000_000, gt=0)  # per domain of the embedded corpus
+    valid_fraction: float = Field(0.01, ge=0, lt=1)
+    workers: int = Field(2, ge=1)  # tokenizer processes in `megacrystal prepare`
+    eval_interval: Optional[int] = Field(None, gt=0)  # steps; evaluation also runs at every phase end
+    eval_samples: int = Field(8, gt=0)  # validation sequences per dataset
+
+    @model_validator(mode="after")
+    def _check_phases(self) -> "DataSection":
+        require(not self.phases or self.source == "indexed", "data.phases",
+                "phases blend prepared datasets; set data.source: indexed")
+        require(self.source != "indexed" or bool(self.phases), "data.phases",
+                "data.source: indexed needs at least one phase")
+        for phase_name, phase in self.phases.items():
+            for dataset, weight in phase.weights.items():
+                field = f"data.phases.{phase_name}.weights.{dataset}"
+                require(dataset in self.datasets, field,
+                        f"unknown dataset; data.datasets has {', '.join(self.datasets) or 'none'}")
+                require(weight >= 0, field, f"negative weight {weight}")
+            total = sum(phase.weights.values())
+            require(total > 0, f"data.phases.{phase_name}.weights", "all weights are zero")
+            require(self.renormalize or abs(total - 1) <= WEIGHT_TOLERANCE, f"data.phases.{phase_name}.weights",
+                    f"sum to {total:.6g}, not 1; fix them or set data.renormalize=true")
+        if self.source == "indexed" and self.tokenizer.model is None:
+            for name in self.tokenizer.train_on:
+                require(name in self.datasets, "data.tokenizer.train_on", f"unknown dataset {name!r}")
+        return self

@@ -1,0 +1,117 @@
+"""Where global batches come from: one interface over the synthetic stream and the phase-blended datasets."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..schedule.plan import RunPlan
+from .blend import BlendedSampler
+from .fim import fim_rng, fim_sample
+from .synthetic import SyntheticTokens
+
+
+@dataclass
+class GlobalBatch:
+    """Token rows [B, S+1], the label loss mask [B, S], and which (dataset, sample) each row is."""
+
+    tokens: torch.Tensor
+    loss_mask: torch.Tensor
+    samples: list[tuple[str, int]]
+    counts: dict[str, int] = field(default_factory=dict)  # rows per dataset
+
+
+class TokenStream:
+    """A prepared split read as one token stream, cut into overlapping (S+1)-token samples every S tokens.
+
+    Documents are packed across sample boundaries with EOS between them and no per-document attention reset,
+    as Crystal's data was.
+    """
+
+    def __init__(self, bin_path: str, dtype: np.dtype, seq_length: int):
+        self.tokens = np.memmap(bin_path, dtype=dtype, mode="r")
+        self.seq_length = seq_length
+        self.num_samples = max(0, (len(self.tokens) - 1) // seq_length)
+
+    def sample(self, index: int) -> np.ndarray:
+        start = index * self.seq_length
+        return np.asarray(self.tokens[start:start + self.seq_length + 1], dtype=np.int64)
+
+    def first_samples(self, count: int) -> np.ndarray:
+        """The first `count` samples, repeating the stream if it is shorter (tiny validation splits)."""
+        need = count * self.seq_length + 1
+        stream = np.asarray(self.tokens, dtype=np.int64)
+        if len(stream) < need:
+            stream = np.resize(stream, need)
+        return np.stack([stream[i * self.seq_length:(i + 1) * self.seq_length + 1] for i in range(count)])
+
+
+class SyntheticSource:
+    """The synthetic Markov stream under the RunPlan interface (one dataset, `synthetic`)."""
+
+    def __init__(self, vocab_size: int, seq_length: int, plan: RunPlan, seed: int):
+        self.stream = SyntheticTokens(vocab_size, seq_length, seed)
+        self.plan = plan
+        self.consumed = 0
+
+    def global_batch(self, step: int) -> GlobalBatch:
+        batch = self.plan.global_batch_size
+        tokens = self.stream.global_batch(step, batch)
+        self.consumed += batch
+        return GlobalBatch(tokens, torch.ones(batch, tokens.shape[1] - 1), [("synthetic", step * batch + i)
+                                                                            for i in range(batch)],
+                           {"synthetic": batch})
+
+    def consumed_samples(self) -> dict[str, int]:
+        return {"synthetic": self.consumed}
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = int(state["consumed"])
+
+
+class BlendedSource:
+    """Global batches drawn by the phase-aware BlendedSampler from prepared datasets, with FIM on code."""
+
+    def __init__(self, streams: dict[str, TokenStream], fim_datasets: set[str], plan: RunPlan, seed: int,
+                 eos_id: int, fim_ids: dict[str, int]):
+        self.streams, self.fim_datasets, self.plan = streams, fim_datasets, plan
+        self.seed, self.eos_id, self.fim_ids = seed, eos_id, fim_ids
+        self.sampler = BlendedSampler({name: s.num_samples for name, s in streams.items()}, plan, seed)
+
+    def global_batch(self, step: int) -> GlobalBatch:
+        _, phase, _ = self.plan.phase_at_step(step)
+        before = self.sampler.consumed_samples()
+        samples = self.sampler.global_batch(step)
+        seen: dict[str, int] = {}
+        rows, masks = [], []
+        for name, index in samples:
+            tokens = self.streams[name].sample(index)
+            mask = np.ones(len(tokens), dtype=np.float32)
+            if name in self.fim_datasets and phase.fim_rate > 0:
+                # The k-th draw of a dataset in the run belongs to epoch k // size: a fresh FIM every epoch.
+                draw = before.get(name, 0) + seen.get(name, 0)
+                epoch = draw // self.streams[name].num_samples
+                rng = fim_rng(_dataset_seed(self.seed, name), epoch, index)
+                tokens, mask, _ = fim_sample(tokens, self.eos_id, phase.fim_rate, rng, self.fim_ids)
+            seen[name] = seen.get(name, 0) + 1
+            rows.append(tokens)
+            masks.append(mask[1:])  # the mask of each label (the next token)
+        return GlobalBatch(torch.from_numpy(np.stack(rows)), torch.from_numpy(np.stack(masks)), samples, seen)
+
+    def consumed_samples(self) -> dict[str, int]:
+        return self.sampler.consumed_samples()
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict):
+        return self.sampler.load_state_dict(state)
+
+
+def _dataset_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
