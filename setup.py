@@ -6,6 +6,7 @@ from setuptools import find_packages, setup
 INSTALL_REQUIRES = [
     "torch==2.13.0",
     "megatron-core==0.16.1",  # newest release that supports Python 3.11
+    "deepspeed==0.19.8",  # an sdist: launch/setup_env.sh builds it without isolation and without C++ ops
     "numpy>=2.0,<2.5",
     "psutil==7.2.2",  # undeclared runtime dependency of megatron-core's dist_checkpointing
     "pydantic==2.14.3",

@@ -71,8 +71,12 @@ class ParallelSection(_Section):
     distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks
 
 
+class DeepSpeedSection(_Section):
+    zero_stage: int = Field(1, ge=0, le=3)
+    config: Optional[str] = None  # a user's DeepSpeed JSON, merged over the generated one
+
+
 class TrainSection(_Section):
-    engine: Literal["megatron"] = "megatron"
     steps: Optional[int] = Field(None, gt=0)  # without data.phases; with phases their budgets decide
     global_batch_size: int = Field(gt=0)
     micro_batch_size: int = Field(1, gt=0)
@@ -84,6 +88,8 @@ class TrainSection(_Section):
 
 
 class Config(_Section):
+    engine: Literal["megatron", "deepspeed"] = "megatron"
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
     run: RunSection = RunSection()
     model: ModelSection
     optim: OptimSection
@@ -117,6 +123,8 @@ class Config(_Section):
         _require(not p.sp or p.tp > 1, "parallel.sp", "sequence parallelism needs parallel.tp > 1")
         _require(not p.sp or m.seq_length % p.tp == 0, "parallel.sp",
                  f"parallel.tp ({p.tp}) must divide model.seq_length ({m.seq_length})")
+        _require(self.engine != "deepspeed" or p.pp == 1, "parallel.pp",
+                 "pipeline parallelism is not supported with engine: deepspeed; use engine: megatron or pp=1")
         _require(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
                  f"{t.global_batch_size} is not a multiple of train.micro_batch_size ({t.micro_batch_size})")
         return self

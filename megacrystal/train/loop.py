@@ -16,7 +16,11 @@ from .progress import Progress
 
 
 def build_engine(config: Config, layout: Layout):
-    """The engine named by train.engine."""
+    """The engine named by the config's `engine` field."""
+    if config.engine == "deepspeed":
+        from ..engines.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(config, layout)
     from ..engines.megatron import MegatronEngine
 
     return MegatronEngine(config, layout)
