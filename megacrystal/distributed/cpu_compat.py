@@ -30,6 +30,10 @@ _MEGATRON_MODULES = (
     "megatron.core.distributed",
     "megatron.core.optimizer",
     "megatron.core.dist_checkpointing",
+    # imported lazily by dist_checkpointing.save/load, so loaded here to get the CPU view in time
+    "megatron.core.dist_checkpointing.strategies.torch",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
 )
 
 
@@ -150,6 +154,8 @@ def _scope_tensor_aliases() -> None:
     - clip_grads.clip_grad_by_total_norm_fp32 asserts `param.grad.type() == 'torch.cuda.FloatTensor'`.
     - LanguageModule.setup_embeddings_and_output_layer does `weight.data.cuda()` before the all-reduce
       that ties the last pipeline stage's output weight to the embedding.
+    - DistributedOptimizer.get_parameter_state_dp_zero (the "fully_reshardable" checkpoint format) moves
+      each optimizer-state shard with `.cuda()` before gathering it on data-parallel rank 0.
     """
     from megatron.core.models.common.language_module import language_module
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
@@ -157,6 +163,7 @@ def _scope_tensor_aliases() -> None:
     targets = [
         (optimizer.Float16OptimizerWithFloat16Params, "__init__"),
         (distrib_optimizer.DistributedOptimizer, "__init__"),
+        (distrib_optimizer.DistributedOptimizer, "get_parameter_state_dp_zero"),
         (language_module.LanguageModule, "setup_embeddings_and_output_layer"),
         (clip_grads, "clip_grad_by_total_norm_fp32"),
         (optimizer, "clip_grad_by_total_norm_fp32"),  # imported by name into optimizer.py
@@ -183,6 +190,7 @@ def apply() -> bool:
     if not _applied:
         _cpu_rng_tracker()
         _scope_tensor_aliases()
+        _patch_reshardable_load()
         _applied = True
     return True
 
@@ -197,3 +205,121 @@ def transformer_config_overrides() -> dict:
     sends the two directions over different groups.
     """
     return {} if not needed() else {"batch_p2p_comm": False}
+
+
+# -- optimizer checkpoint loading with torch's AdamW ----------------------------------------------------
+# Without Apex/Transformer Engine (always the case on CPU) megatron falls back to torch.optim.AdamW, whose
+# per-parameter state megatron's loaders do not fully expect.
+
+def _adamw_groups(optimizer):
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [opt.optimizer for opt in inner if getattr(opt, "optimizer", None) is not None]
+
+
+def before_optimizer_load(optimizer) -> None:
+    """DistributedOptimizer.sharded_state_dict(is_loading=True) asserts one `step` across the state of all
+    params (`assert len(steps) == 1`), but megatron's init_state_fn creates only exp_avg/exp_avg_sq for torch
+    AdamW. Give every param the state torch would, with step 0, before the loader inspects it."""
+    if not needed():
+        return
+    for adamw in _adamw_groups(optimizer):
+        for group in adamw.param_groups:
+            for param in group["params"]:
+                state = adamw.state[param]
+                if "step" not in state:
+                    state["exp_avg"] = torch.zeros_like(param.data)
+                    state["exp_avg_sq"] = torch.zeros_like(param.data)
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+
+
+def _skip_adam_step_on_reshard(original):
+    """DistributedOptimizer._set_main_param_and_optimizer_states copies every key of a param's optimizer state
+    from the checkpoint, but the "fully_reshardable" format carries torch Adam's `step` per group, not per param
+    (its loader skips it on purpose), so the copy raises KeyError('step'). Leave `step` to the group restore."""
+
+    @functools.wraps(original)
+    def wrapped(self, model_param, tensors):
+        if "step" in tensors:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        step = state.pop("step", None)
+        try:
+            return original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    wrapped.__megacrystal_cpu_compat__ = True
+    return wrapped
+
+
+def _patch_reshardable_load() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if not getattr(original, "__megacrystal_cpu_compat__", False):
+        DistributedOptimizer._set_main_param_and_optimizer_states = _skip_adam_step_on_reshard(original)
+
+
+def after_optimizer_load(optimizer) -> None:
+    """The distributed optimizer restores Adam's step count into param_groups['step'] only; torch AdamW reads
+    state[p]['step'], so without this the bias correction silently restarts at step 0 after a resume."""
+    if not needed():
+        return
+    for adamw in _adamw_groups(optimizer):
+        for group in adamw.param_groups:
+            if "step" in group:
+                for param in group["params"]:
+                    adamw.state[param]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
+# =====================================================================================================
+# DeepSpeed (engine: deepspeed), DeepSpeed 0.19.x on the CPU accelerator over gloo.
+# Same rules as above: nothing happens when CUDA is available, each workaround names the upstream
+# behaviour it avoids, and tests/distributed/test_cpu_compat_deepspeed.py shows each is still needed.
+# =====================================================================================================
+_DEEPSPEED_ACCELERATOR_ENV = "DS_ACCELERATOR"
+_DEEPSPEED_SHM_OP = "deepspeed_shm_comm"
+
+
+def deepspeed_accelerator_env() -> bool:
+    """Name DeepSpeed's accelerator (cpu) unless the user did; return whether it was set here.
+
+    deepspeed.accelerator.real_accelerator.get_accelerator() autodetects the accelerator on first use
+    (when deepspeed is imported) and, finding no GPU, logs a WARNING on every rank: "Setting accelerator to
+    CPU. If you have GPU or other accelerator, we were unable to detect it." With DS_ACCELERATOR=cpu it
+    picks the same CPU_Accelerator silently. Must run before deepspeed is first imported.
+    """
+    import os
+
+    if not needed() or _DEEPSPEED_ACCELERATOR_ENV in os.environ:
+        return False
+    os.environ[_DEEPSPEED_ACCELERATOR_ENV] = "cpu"
+    return True
+
+
+def _disable_deepspeed_shm_comm_build() -> None:
+    """Keep deepspeed.comm from JIT-compiling its shared-memory all-reduce op.
+
+    deepspeed.comm.torch.TorchBackend.__init__ (run by deepspeed.initialize / init_distributed) always
+    calls build_shm_op(), which on the CPU accelerator compiles `deepspeed_shm_comm` with g++ and ninja
+    (about a minute on first use, cached under ~/.cache/torch_extensions), prints "DeepSpeed ... built
+    successfully" on every rank, and crashes without a C++ compiler. The op only serves inference's
+    inference_all_reduce; training never calls it. build_shm_op() skips the build when the op is marked
+    incompatible in deepspeed.ops.__compatible_ops__ (its only reader), so it is marked so.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[_DEEPSPEED_SHM_OP] = False
+
+
+def import_deepspeed():
+    """Import and return `deepspeed` with the CPU workarounds applied (none when CUDA is available)."""
+    deepspeed_accelerator_env()
+    import deepspeed
+
+    if needed():
+        _disable_deepspeed_shm_comm_build()
+    return deepspeed

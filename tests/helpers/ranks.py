@@ -33,7 +33,8 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 600.0) -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, rank, world_size, port, args, results), daemon=True)
+    # Not daemonic: megatron's checkpoint writer starts a multiprocessing Manager in each rank.
+    procs = [ctx.Process(target=_entry, args=(fn, rank, world_size, port, args, results))
              for rank in range(world_size)]
     for proc in procs:
         proc.start()
