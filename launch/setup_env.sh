@@ -21,7 +21,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install "torch==2.13.0" 2> >(grep -v "is ignored: it is neither" >&2)
 # DeepSpeed ships only an sdist whose setup.py imports torch: build it against the CPU torch above, with
 # no C++ ops compiled at install time (megacrystal needs none).
-DS_BUILD_OPS=0 "${PIP[@]}" install --no-build-isolation "deepspeed==0.19.8" 2> >(grep -v "is ignored: it is neither" >\&2)
+DS_BUILD_OPS=0 "${PIP[@]}" install --no-build-isolation "deepspeed==0.19.8" 2> >(grep -v "is ignored: it is neither" >&2)
 "${PIP[@]}" install -e "$ROOT[test]" 2> >(grep -v "is ignored: it is neither" >&2)
 "$VENV/bin/python" -c "import torch; assert not torch.version.cuda, 'a CUDA torch was installed'" \
     || { echo "[setup] error: a CUDA build of torch was installed; remove $VENV and retry" >&2; exit 1; }
