@@ -6,6 +6,7 @@ import os
 import sys
 
 from .config import Config, ConfigError, load_config
+from .checkpoint.errors import CheckpointError
 from .data.errors import DataError
 from .quiet import quiet_expected_warnings
 
@@ -26,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="processes to lay out (default: $WORLD_SIZE, else tp x pp)")
     train = commands.add_parser("train", help="train (one process, or each rank under torchrun)")
     _add_config_args(train)
+    train.add_argument("--resume", default="auto", metavar="auto|PATH|none",
+                       help="auto: the newest intact checkpoint of checkpoint.dir, if any (default); "
+                            "PATH: that checkpoint (or checkpoint root); none: start fresh")
     prepare = commands.add_parser("prepare", help="build the corpus, tokenizer and indexed datasets of a config")
     _add_config_args(prepare)
     plot = commands.add_parser("plot", help="write the PNG plots of a run directory")
@@ -76,10 +80,16 @@ def main(argv: list[str] | None = None) -> int:
             _info(config, args.world_size)
         elif args.command == "train":
             from .train.loop import train
+            from .train.signals import EXIT_PREEMPTED, Preempted
 
-            train(config)
+            try:
+                train(config, resume=args.resume)
+            except Preempted as stop:
+                if int(os.environ.get("RANK", "0")) == 0:
+                    print(f"megacrystal: {stop}", file=sys.stderr)
+                return EXIT_PREEMPTED
         return 0
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, CheckpointError) as err:
         if args.debug:
             raise
         if int(os.environ.get("RANK", "0")) == 0:  # one line, from one rank

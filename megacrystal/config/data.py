@@ -55,6 +55,7 @@ class DataSection(Section):
     workers: int = Field(2, ge=1)  # tokenizer processes in `megacrystal prepare`
     eval_interval: Optional[int] = Field(None, gt=0)  # steps; evaluation also runs at every phase end
     eval_samples: int = Field(8, gt=0)  # validation sequences per dataset
+    log_samples: bool = False  # write every global batch's (dataset, sample) ids to <run.dir>/samples.jsonl
 
     @model_validator(mode="after")
     def _check_phases(self) -> "DataSection":

@@ -87,6 +87,24 @@ class TrainSection(_Section):
     peak_tflops_per_device: Optional[float] = Field(None, gt=0)  # for MFU; None: not reported
 
 
+class CheckpointSection(_Section):
+    interval: Optional[int] = Field(None, gt=0)  # steps between saves; phase ends and the last step always save
+    keep: int = Field(3, ge=1)  # newest checkpoints kept, besides every phase-end one
+    dir: Optional[str] = None  # default: <run.dir>/checkpoints
+    phase_end: bool = True  # also save (and keep) a checkpoint at the end of every phase
+    stop_signals: list[str] = ["SIGTERM", "SIGUSR1"]  # save at the next step boundary, then exit 75
+    time_limit_s: Optional[float] = Field(None, gt=0)  # wall-clock budget: save and exit 75 before it runs out
+
+    @model_validator(mode="after")
+    def _check_signals(self) -> "CheckpointSection":
+        import signal
+
+        for name in self.stop_signals:
+            _require(name in signal.Signals.__members__, "checkpoint.stop_signals",
+                     f"{name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+        return self
+
+
 class Config(_Section):
     engine: Literal["megatron", "deepspeed"] = "megatron"
     deepspeed: DeepSpeedSection = DeepSpeedSection()
@@ -96,6 +114,7 @@ class Config(_Section):
     parallel: ParallelSection = ParallelSection()
     train: TrainSection
     data: DataSection = DataSection()
+    checkpoint: CheckpointSection = CheckpointSection()
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "Config":
@@ -150,3 +169,6 @@ class Config(_Section):
 
     def run_dir(self) -> str:
         return self.run.dir.format(name=self.run.name)
+
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir.format(name=self.run.name) if self.checkpoint.dir else f"{self.run_dir()}/checkpoints"

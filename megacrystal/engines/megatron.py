@@ -98,6 +98,19 @@ class MegatronEngine:
             chunk.eval()
         return self._global_loss(self._run(microbatches, forward_only=True))
 
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def save_checkpoint(self, directory) -> None:
+        """Write this rank's model and optimizer shards into `directory` (collective)."""
+        from ..checkpoint import megatron as megatron_checkpoint
+
+        megatron_checkpoint.save(self, directory)
+
+    def load_checkpoint(self, directory, optimizer: bool = True) -> None:
+        """Load model (and optimizer) state, resharding to this run's layout (collective)."""
+        from ..checkpoint import megatron as megatron_checkpoint
+
+        megatron_checkpoint.load(self, directory, optimizer=optimizer)
+
     # -- internals --------------------------------------------------------------------------------------
     def _run(self, microbatches: list[Microbatch], forward_only: bool) -> list[dict]:
         tokens = microbatches[0].tokens

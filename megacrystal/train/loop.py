@@ -1,6 +1,7 @@
 """The training loop: the phase plan drives batches and LR; engines do the work; metrics come out."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -10,9 +11,11 @@ from ..distributed.runtime import Layout, setup_parallel, teardown_parallel, wor
 from ..model.size import flops_per_token
 from ..schedule.from_config import plan_for
 from ..schedule.plan import RunPlan
+from .checkpointing import Checkpointer
 from .eval import Evaluator
-from .metrics import MetricsWriter
+from .metrics import MetricsWriter, truncate_jsonl
 from .progress import Progress
+from .signals import Preempted, StopWatch
 
 
 def build_engine(config: Config, layout: Layout):
@@ -41,53 +44,107 @@ def open_data(config: Config, plan: RunPlan):
     return source, valid_streams
 
 
-def train(config: Config) -> list[dict]:
-    """Train through every phase of the run; return each step's metrics record (on every rank)."""
+def train(config: Config, resume: str = "auto") -> list[dict]:
+    """Train through every phase of the run; return the metrics records of the steps run (on every rank).
+
+    `resume` is auto (the newest intact checkpoint, if any), a checkpoint path, or none. A stop signal or the
+    time budget ends the run early with a checkpoint by raising Preempted.
+    """
     config.data_parallel_size(world_size_from_env())  # layout errors first, then plan and data errors
     plan = plan_for(config)
     source, valid_streams = open_data(config, plan)
     layout = setup_parallel(config)
     run_dir = Path(config.run_dir())
-    metrics = MetricsWriter(run_dir, enabled=layout.is_main)
     try:
+        engine = build_engine(config, layout)
+        checkpointer = Checkpointer(config, layout, engine, source)
+        state = checkpointer.resume(resume)
+        start = state["step"] if state else 0
+        if state:
+            change = source.load_state_dict(state["data"])
+            _say(layout, f"resumed from {state['path']} at step {start} (phase {state['phase']})")
+            if change is not None:
+                _say(layout, f"blend change: {change.describe()}")
+        metrics = MetricsWriter(run_dir, enabled=layout.is_main, resumed_step=start)
         if layout.is_main:
             (run_dir / "config.resolved.yaml").write_text(dump_config(config))
+            if start and config.data.log_samples:
+                truncate_jsonl(run_dir / "samples.jsonl", start)
             print(plan.report(), flush=True)
         evaluator = Evaluator(valid_streams, config.data.eval_samples, config.train.micro_batch_size, layout) \
             if valid_streams else None
-        records = _run(config, plan, layout, build_engine(config, layout), source, evaluator, metrics)
-        if layout.is_main:
+        loop = _Loop(config, plan, layout, engine, source, evaluator, metrics, checkpointer)
+        try:
+            records = loop.run(start, events=[f"blend change: {change.describe()}"] if state and change else [])
+        finally:
             metrics.close()
+        if layout.is_main:
             from .plots import plot_run
 
             print("plots: " + ", ".join(str(p) for p in plot_run(run_dir)), flush=True)
         return records
     finally:
-        metrics.close()
         teardown_parallel()
 
 
-def _run(config: Config, plan: RunPlan, layout: Layout, engine, source, evaluator, metrics) -> list[dict]:
-    t, m = config.train, config.model
-    progress = Progress(plan.total_steps, enabled=layout.is_main)
-    flops = flops_per_token(m)
-    ends = {b.end_step for b in plan.boundaries()}
-    records = []
-    for step in range(plan.total_steps):
-        start = time.perf_counter()
+class _Loop:
+    """One pass over the plan's steps from a start step, with evaluation, checkpoints and stop requests."""
+
+    def __init__(self, config, plan, layout, engine, source, evaluator, metrics, checkpointer):
+        self.config, self.plan, self.layout, self.engine = config, plan, layout, engine
+        self.source, self.evaluator, self.metrics, self.checkpointer = source, evaluator, metrics, checkpointer
+        self.ends = {b.end_step for b in plan.boundaries()}
+        self.samples_log = Path(config.run_dir()) / "samples.jsonl" if config.data.log_samples else None
+
+    def run(self, start: int, events: list[str]) -> list[dict]:
+        t, c = self.config.train, self.config.checkpoint
+        progress = Progress(self.plan.total_steps, first_step=start, enabled=self.layout.is_main)
+        watch = StopWatch(c.stop_signals, c.time_limit_s, self.layout.device)
+        records = []
+        try:
+            for step in range(start, self.plan.total_steps):
+                record = self._step(step)
+                if events:
+                    record["events"], events = events, []
+                records.append(record)
+                self.metrics.write(record)
+                if (step + 1) % t.log_interval == 0 or step + 1 == self.plan.total_steps or "val_loss" in record:
+                    extra = f"{record['phase']} | grad {record['grad_norm']:.3f}"
+                    if "val_loss" in record:
+                        extra += " | val " + " ".join(f"{k} {v:.3f}" for k, v in record["val_loss"].items())
+                    progress.line(step, record["loss"], record["lr"], record["tokens_per_s"], extra)
+                phase_end = step + 1 in self.ends
+                if (c.interval and (step + 1) % c.interval == 0) or (phase_end and c.phase_end) \
+                        or step + 1 == self.plan.total_steps:
+                    self._save(step, record, phase_end)
+                reason = watch.should_stop(record["step_time_s"])
+                if reason and step + 1 < self.plan.total_steps:
+                    self._save(step, record, phase_end=False)
+                    raise Preempted(step + 1, reason)
+        finally:
+            watch.restore()
+        return records
+
+    def _step(self, step: int) -> dict:
+        t, m = self.config.train, self.config.model
+        layout, plan = self.layout, self.plan
+        started = time.perf_counter()
         _, phase, step_in_phase = plan.phase_at_step(step)
         if step_in_phase == 0 and step > 0 and phase.weights_only_start:
-            engine.reset_optimizer()
+            self.engine.reset_optimizer()
             _say(layout, f"phase {phase.name}: starting from weights only (optimizer state reset)")
         elif step_in_phase == 0:
             _say(layout, f"phase {phase.name}: weights {phase.weights}, fim_rate {phase.fim_rate}")
-        batch = source.global_batch(step)
+        batch = self.source.global_batch(step)
+        if self.samples_log and layout.is_main:
+            with open(self.samples_log, "a") as f:
+                f.write(json.dumps({"step": step + 1, "samples": batch.samples}) + "\n")
         microbatches = rank_microbatches(batch.tokens, layout.dp_rank, layout.dp, t.micro_batch_size, batch.loss_mask)
         lr = plan.lr_at_step(step)
-        result = engine.train_step(microbatches, lr)
-        seconds = time.perf_counter() - start
+        result = self.engine.train_step(microbatches, lr)
+        seconds = time.perf_counter() - started
         tokens_per_s = result.tokens / seconds
-        tflops = flops * tokens_per_s / layout.world_size / 1e12
+        tflops = flops_per_token(m) * tokens_per_s / layout.world_size / 1e12
         record = {
             "step": step + 1,
             "phase": phase.name,
@@ -101,20 +158,18 @@ def _run(config: Config, plan: RunPlan, layout: Layout, engine, source, evaluato
             "tflops_per_device": tflops,
             "mfu": tflops / t.peak_tflops_per_device if t.peak_tflops_per_device else None,
             "samples": batch.counts,
-            "consumed_tokens": {name: n * m.seq_length for name, n in source.consumed_samples().items()},
+            "consumed_tokens": {name: n * m.seq_length for name, n in self.source.consumed_samples().items()},
         }
-        last = step + 1 == plan.total_steps
-        interval = config.data.eval_interval
-        if evaluator and ((interval and (step + 1) % interval == 0) or step + 1 in ends or last):
-            record["val_loss"] = evaluator.run(engine)
-        records.append(record)
-        metrics.write(record)
-        if (step + 1) % t.log_interval == 0 or last or "val_loss" in record:
-            extra = f"{phase.name} | grad {result.grad_norm:.3f}"
-            if "val_loss" in record:
-                extra += " | val " + " ".join(f"{k} {v:.3f}" for k, v in record["val_loss"].items())
-            progress.line(step, result.loss, lr, tokens_per_s, extra)
-    return records
+        interval = self.config.data.eval_interval
+        if self.evaluator and ((interval and (step + 1) % interval == 0) or step + 1 in self.ends):
+            record["val_loss"] = self.evaluator.run(self.engine)
+        return record
+
+    def _save(self, step: int, record: dict, phase_end: bool) -> None:
+        state = {"step": step + 1, "tokens": record["tokens"], "phase": record["phase"],
+                 "consumed_tokens": record["consumed_tokens"], "data": self.source.state_dict()}
+        path = self.checkpointer.save(state, phase_end)
+        _say(self.layout, f"checkpoint saved: {path}")
 
 
 def _say(layout: Layout, text: str) -> None:

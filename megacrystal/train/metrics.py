@@ -7,18 +7,34 @@ from pathlib import Path
 from typing import Any
 
 
-class MetricsWriter:
-    """Appends to <run>/metrics.jsonl and writes TensorBoard events (main rank only)."""
+def truncate_jsonl(path: Path, after_step: int) -> None:
+    """Drop the records of steps after `after_step` (a resumed run rewrites them) by an atomic rewrite."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+
+class MetricsWriter:
+    """Appends to <run>/metrics.jsonl and writes TensorBoard events (main rank only).
+
+    A run resumed after step k first drops the records (and TensorBoard events) of later steps, so the files
+    always describe one consistent run.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True, resumed_step: int = 0):
         self.enabled = enabled
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resumed_step:
+            truncate_jsonl(run_dir / "metrics.jsonl", resumed_step)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
 
-        self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resumed_step + 1 if resumed_step else None)
 
     def write(self, record: dict[str, Any]) -> None:
         """Log one record; numeric fields (and nested dicts of numbers) also go to TensorBoard."""

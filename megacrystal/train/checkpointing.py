@@ -1,0 +1,111 @@
+"""The trainer's side of checkpoints: what goes in one, when a rank writes it, and resuming from one.
+
+A checkpoint directory holds `engine/` (model and optimizer shards, written by every rank through the engine),
+`rng/rank_<r>.pt`, `trainer_state.json` (step, phase, data cursors, consumed tokens) and the store's manifest.
+Rank 0 owns the directory: it opens it, commits it atomically after every rank has written, and resolves
+`--resume`; the others follow its broadcasts, so every rank takes the same decision.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..checkpoint import CheckpointError, CheckpointStore
+from ..config import Config, dump_config
+from ..distributed.runtime import Layout
+
+TRAINER_STATE = "trainer_state.json"
+
+
+def checkpoint_identity(config: Config) -> dict:
+    """What a checkpoint must match to be loaded: the model's shape and the optimizer-state format."""
+    m = config.model
+    fmt = config.engine if config.engine != "megatron" else \
+        ("megatron-distributed-optimizer" if config.parallel.distributed_optimizer else "megatron")
+    if config.engine == "deepspeed":
+        fmt = f"deepspeed-zero{config.deepspeed.zero_stage}"
+    return {"model_fingerprint": {"num_layers": m.num_layers, "hidden_size": m.hidden_size,
+                                  "num_heads": m.num_heads, "ffn_hidden_size": m.ffn_hidden_size,
+                                  "vocab_size": m.vocab_size},
+            "optimizer_format": fmt}
+
+
+class Checkpointer:
+    """Saves and restores engine, data and RNG state in the run's CheckpointStore."""
+
+    def __init__(self, config: Config, layout: Layout, engine, source):
+        self.config, self.layout, self.engine, self.source = config, layout, engine, source
+        self.identity = checkpoint_identity(config)
+        self.store = CheckpointStore(config.checkpoint_dir(), keep=config.checkpoint.keep, recover=layout.is_main)
+
+    # -- resume ----------------------------------------------------------------------------------------
+    def resume(self, spec: str) -> dict | None:
+        """Load the checkpoint `spec` names (auto | PATH | none); return its trainer state, or None."""
+        decision = [None, None]
+        if self.layout.is_main:
+            try:
+                path = self.store.resolve_resume(spec, expect=self.identity)
+                decision = [str(path) if path else None, None]
+            except CheckpointError as err:
+                decision = [None, str(err)]
+        dist.broadcast_object_list(decision, src=0)
+        path, error = decision
+        if error:
+            raise CheckpointError(error)
+        if path is None:
+            return None
+        path = Path(path)
+        self.engine.load_checkpoint(path / "engine")
+        rng = path / "rng" / f"rank_{self.layout.rank}.pt"
+        if rng.is_file():  # absent when the world grew; nothing in training draws random numbers yet
+            torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
+        state = json.loads((path / TRAINER_STATE).read_text())
+        state["path"] = str(path)
+        return state
+
+    # -- save ------------------------------------------------------------------------------------------
+    def save(self, state: dict, phase_end: bool) -> Path:
+        """Write a checkpoint of the state after `state['step']` steps on every rank; rank 0 commits it."""
+        step = state["step"]
+        metadata = {**self.identity, "tokens": state["tokens"], "phase": state["phase"]}
+        outcome = [None, None]
+        if self.layout.is_main:
+            try:
+                with self.store.saving(step, metadata, phase_end=phase_end) as tmp:
+                    (tmp / "engine").mkdir()
+                    (tmp / "rng").mkdir()
+                    self._write_shards(tmp, state)
+                outcome = [str(self.store.step_dir(step)), None]
+            except Exception as err:  # noqa: BLE001 - every rank must learn that the save failed
+                outcome = [None, str(err) if isinstance(err, CheckpointError) else
+                           f"checkpoint save of step {step} failed: {type(err).__name__}: {err}"]
+        else:
+            self._write_shards(None, state)
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[1]:
+            raise CheckpointError(outcome[1])
+        return Path(outcome[0])
+
+    def _write_shards(self, tmp: Path | None, state: dict) -> None:
+        where = [str(tmp) if tmp else None]
+        dist.broadcast_object_list(where, src=0)
+        tmp = Path(where[0])
+        failed = None
+        try:
+            self.engine.save_checkpoint(tmp / "engine")
+            torch.save({"torch": torch.get_rng_state()}, tmp / "rng" / f"rank_{self.layout.rank}.pt")
+            if self.layout.is_main:
+                (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
+                (tmp / "config.yaml").write_text(dump_config(self.config))
+        except Exception as err:  # noqa: BLE001 - reported below, after all ranks agree
+            failed = err
+        flag = torch.tensor([0.0 if failed is None else 1.0], device=self.layout.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if failed is not None:
+            raise failed
+        if flag.item() > 0:
+            raise CheckpointError(f"checkpoint save of step {state['step']} failed on another rank; "
+                                  f"see that rank's log")
