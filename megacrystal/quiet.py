@@ -10,7 +10,7 @@ _EXPECTED = (
     r"When using sequence parallelism it is recommended to set the environment variable CUDA_DEVICE_MAX.*",
     # megatron's optimizer probes `.grad` on non-leaf main-param views of the distributed optimizer.
     r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed.*",
-    # megatron calls the collectives under their older names.
+    # megatron's distributed optimizer and DeepSpeed's ZeRO call the collectives under their older names.
     r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated.*",
 )
 

@@ -247,6 +247,8 @@ class CheckpointStore:
         intact = f"the previous checkpoint {previous} is intact" if previous else "there is no previous checkpoint"
         oserr = _space_error(exc) or (exc if isinstance(exc, OSError) else None)
         if oserr is None:
+            oserr = self._likely_full(previous)
+        if oserr is None:
             return None
         where = oserr.filename or tmp
         head = f"checkpoint save of {step_name(step)} failed"
@@ -258,6 +260,21 @@ class CheckpointStore:
                                    "free space, raise the quota or change checkpoint.dir")
         return CheckpointError(f"{head}: {oserr.strerror or oserr} ({where}); {intact}; "
                                "check the file system or change checkpoint.dir")
+
+    def _likely_full(self, previous: Path | None) -> OSError | None:
+        """Some writers (torch's zip serializer in a worker process) report a full disk only as a short write
+        ("unexpected pos ..."). Call it out of space when less room is left than the previous checkpoint took."""
+        if previous is None:
+            return None
+        try:
+            needed = sum(f["size"] for f in read_manifest(previous)["files"].values())
+            free = shutil.disk_usage(self.root).free
+        except (CheckpointError, OSError):
+            return None
+        if free >= needed:
+            return None
+        return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free:,} bytes free, a checkpoint needs "
+                                     f"about {needed:,})")
 
     def _install(self, tmp: Path, final: Path) -> None:
         """Rename `tmp` to `final`; an existing `final` is replaced without a moment of no checkpoint there."""

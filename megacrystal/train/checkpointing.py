@@ -79,7 +79,9 @@ class Checkpointer:
                     (tmp / "rng").mkdir()
                     self._write_shards(tmp, state)
                 outcome = [str(self.store.step_dir(step)), None]
-            except Exception as err:  # noqa: BLE001 - every rank must learn that the save failed
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as err:  # noqa: BLE001 - torch's CheckpointException is a BaseException
                 outcome = [None, str(err) if isinstance(err, CheckpointError) else
                            f"checkpoint save of step {step} failed: {type(err).__name__}: {err}"]
         else:
@@ -100,7 +102,9 @@ class Checkpointer:
             if self.layout.is_main:
                 (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
                 (tmp / "config.yaml").write_text(dump_config(self.config))
-        except Exception as err:  # noqa: BLE001 - reported below, after all ranks agree
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # noqa: BLE001 - reported below, after all ranks agree
             failed = err
         flag = torch.tensor([0.0 if failed is None else 1.0], device=self.layout.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

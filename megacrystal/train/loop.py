@@ -51,6 +51,10 @@ def train(config: Config, resume: str = "auto") -> list[dict]:
     time budget ends the run early with a checkpoint by raising Preempted.
     """
     config.data_parallel_size(world_size_from_env())  # layout errors first, then plan and data errors
+    if config.engine == "deepspeed":
+        from ..engines.deepspeed_config import validate
+
+        validate(config, world_size_from_env())
     plan = plan_for(config)
     source, valid_streams = open_data(config, plan)
     layout = setup_parallel(config)
