@@ -11,7 +11,13 @@ from .data.errors import DataError
 from .quiet import quiet_expected_warnings
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
+# Packages that own further subcommands: each module has `register(subparsers)`, which adds its parsers with
+# `set_defaults(handler=fn)`; `fn(args) -> int` runs the command (errors as ConfigError/DataError/...).
+EXTRA_COMMANDS: list[str] = []
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """--config, --set and --debug, as every config-driven command takes them."""
     parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/crystal-tiny.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field by its dotted name, e.g. --set parallel.tp=2")
@@ -22,19 +28,23 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megacrystal", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="print the parameter count and the parallel layout")
-    _add_config_args(info)
+    add_config_args(info)
     info.add_argument("--world-size", type=int, default=None,
                       help="processes to lay out (default: $WORLD_SIZE, else tp x pp)")
     train = commands.add_parser("train", help="train (one process, or each rank under torchrun)")
-    _add_config_args(train)
+    add_config_args(train)
     train.add_argument("--resume", default="auto", metavar="auto|PATH|none",
                        help="auto: the newest intact checkpoint of checkpoint.dir, if any (default); "
                             "PATH: that checkpoint (or checkpoint root); none: start fresh")
     prepare = commands.add_parser("prepare", help="build the corpus, tokenizer and indexed datasets of a config")
-    _add_config_args(prepare)
+    add_config_args(prepare)
     plot = commands.add_parser("plot", help="write the PNG plots of a run directory")
     plot.add_argument("run_dir")
     plot.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    import importlib
+
+    for module in EXTRA_COMMANDS:
+        importlib.import_module(module).register(commands)
     return parser
 
 
@@ -65,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         quiet_expected_warnings()
     try:
+        if getattr(args, "handler", None):
+            return args.handler(args)
         if args.command == "plot":
             from .train.plots import plot_run
 
