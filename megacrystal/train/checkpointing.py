@@ -7,6 +7,7 @@ Rank 0 owns the directory: it opens it, commits it atomically after every rank h
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -70,7 +71,10 @@ class Checkpointer:
     def save(self, state: dict, phase_end: bool) -> Path:
         """Write a checkpoint of the state after `state['step']` steps on every rank; rank 0 commits it."""
         step = state["step"]
-        metadata = {**self.identity, "tokens": state["tokens"], "phase": state["phase"]}
+        resolved = dump_config(self.config)
+        state = {**state, "config_sha256": hashlib.sha256(resolved.encode()).hexdigest()}
+        metadata = {**self.identity, "tokens": state["tokens"], "phase": state["phase"],
+                    "config_sha256": state["config_sha256"]}
         outcome = [None, None]
         if self.layout.is_main:
             try:
@@ -101,7 +105,7 @@ class Checkpointer:
             torch.save({"torch": torch.get_rng_state()}, tmp / "rng" / f"rank_{self.layout.rank}.pt")
             if self.layout.is_main:
                 (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
-                (tmp / "config.yaml").write_text(dump_config(self.config))
+                (tmp / "config.yaml").write_text(dump_config(self.config))  # its sha256 is in the manifest
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as err:  # noqa: BLE001 - reported below, after all ranks agree

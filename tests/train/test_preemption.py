@@ -113,3 +113,14 @@ def test_sigterm_single_process_saves_and_exits_75(config, tmp_path):
     assert proc.returncode == EXIT_PREEMPTED, stderr
     assert "checkpoint saved, resume with --resume auto" in stderr
     assert seen <= _latest_step(run) <= seen + 1
+
+
+def test_time_budget_saves_and_exits_75_before_it_runs_out(config, tmp_path):
+    run = tmp_path / "budget"
+    out = subprocess.run(_command(1, config, run) + ["--set", "checkpoint.time_limit_s=1.0",
+                                                      "--set", "train.steps=400"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == EXIT_PREEMPTED, out.stderr
+    assert "(time limit)" in out.stderr
+    done = _steps_done(run)
+    assert 0 < done < 400 and _latest_step(run) == done
