@@ -26,8 +26,9 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest==9.2.0", "hypothesis==6.170.15"],
-        # Used only when a GPU is present; never required on the CPU path.
-        "gpu": ["transformer-engine", "apex"],
+        # Used only when a GPU is present; never required on the CPU path. (NVIDIA Apex is not on PyPI:
+        # build it from its repository if you want its fused kernels; megatron-core picks it up when present.)
+        "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["megacrystal = megacrystal.cli:main"]},
 )

@@ -25,6 +25,8 @@ class MegatronEngine:
         self.config, self.layout = config, layout
         chunks = build_model_chunks(config.model, config.parallel, config.train.precision)
         init_crystal_weights(chunks, config.model, config.train.seed)
+        if layout.device.type == "cuda":  # built on the CPU (layout-independent init), trained on the GPU
+            chunks = [chunk.cuda(layout.device) for chunk in chunks]
         self.tconfig = chunks[0].config
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
