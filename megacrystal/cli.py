@@ -13,7 +13,9 @@ from .quiet import quiet_expected_warnings
 
 # Packages that own further subcommands: each module has `register(subparsers)`, which adds its parsers with
 # `set_defaults(handler=fn)`; `fn(args) -> int` runs the command (errors as ConfigError/DataError/...).
-EXTRA_COMMANDS: list[str] = []
+EXTRA_COMMANDS: list[str] = [
+    "megacrystal.bench.commands",
+]
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import resource
 import time
 from pathlib import Path
+
+import torch
 
 from ..config import Config, dump_config
 from ..data.batches import rank_microbatches
@@ -110,6 +113,7 @@ class _Loop:
                 record = self._step(step)
                 if events:
                     record["events"], events = events, []
+                reason, record["memory_mb"] = watch.should_stop(record["step_time_s"], _peak_memory_mb())
                 records.append(record)
                 self.metrics.write(record)
                 if (step + 1) % t.log_interval == 0 or step + 1 == self.plan.total_steps or "val_loss" in record:
@@ -117,13 +121,11 @@ class _Loop:
                     if "val_loss" in record:
                         extra += " | val " + " ".join(f"{k} {v:.3f}" for k, v in record["val_loss"].items())
                     progress.line(step, record["loss"], record["lr"], record["tokens_per_s"], extra)
+                last = step + 1 == self.plan.total_steps
                 phase_end = step + 1 in self.ends
-                if (c.interval and (step + 1) % c.interval == 0) or (phase_end and c.phase_end) \
-                        or step + 1 == self.plan.total_steps:
+                if (c.interval and (step + 1) % c.interval == 0) or (phase_end and c.phase_end) or last or reason:
                     self._save(step, record, phase_end)
-                reason = watch.should_stop(record["step_time_s"])
-                if reason and step + 1 < self.plan.total_steps:
-                    self._save(step, record, phase_end=False)
+                if reason and not last:
                     raise Preempted(step + 1, reason)
         finally:
             watch.restore()
@@ -174,6 +176,13 @@ class _Loop:
                  "consumed_tokens": record["consumed_tokens"], "data": self.source.state_dict()}
         path = self.checkpointer.save(state, phase_end)
         _say(self.layout, f"checkpoint saved: {path}")
+
+
+def _peak_memory_mb() -> float:
+    """This process's peak memory: device memory on a GPU, resident set size on a CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _say(layout: Layout, text: str) -> None:

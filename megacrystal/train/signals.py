@@ -35,16 +35,18 @@ class StopWatch:
         # Only note it: saving from inside a signal handler would race the step in progress.
         self.reason = signal.Signals(signum).name
 
-    def should_stop(self, seconds_per_step: float) -> str | None:
-        """Whether any rank got a stop signal or the budget cannot fit another step plus a save."""
+    def should_stop(self, seconds_per_step: float, memory_mb: float = 0.0) -> tuple[str | None, float]:
+        """(reason to stop or None, the largest `memory_mb` of all ranks), in one collective.
+
+        Stop when any rank got a stop signal or the budget cannot fit another step plus a save.
+        """
         if self.reason is None and self.deadline is not None:
             if time.monotonic() + 2 * seconds_per_step > self.deadline:
                 self.reason = "time limit"
-        flag = torch.tensor([1.0 if self.reason else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0:
-            return self.reason or "stop request on another rank"
-        return None
+        values = torch.tensor([1.0 if self.reason else 0.0, memory_mb], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        reason = (self.reason or "stop request on another rank") if values[0].item() > 0 else None
+        return reason, values[1].item()
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():

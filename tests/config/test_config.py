@@ -86,3 +86,16 @@ def test_crystal_7b_three_phases_and_lr_segments():
     assert plan.lr_at_step(start3 + 276) == pytest.approx(0.002)
     assert plan.phases[1].fim_rate == 0.9 and plan.phases[2].fim_rate == 0.3 and plan.phases[2].weights_only_start
     assert plan.phases[1].weights["starcoder"] == pytest.approx(0.6281175747315507)
+
+
+def test_flops_per_token_of_the_7b_by_hand():
+    from megacrystal.model.size import flops_per_token, matmul_parameters
+
+    m = load_config(CONFIGS / "crystal-7b.yaml").model
+    h, f, layers, vocab, seq = 4096, 10922, 32, 32032, 2048
+    per_layer = h * 3 * h + h * h + 2 * h * f + f * h  # qkv, proj, fc1 (gate and up), fc2
+    assert matmul_parameters(m) == layers * per_layer == 6_442_188_800
+    # 6 FLOPs per matmul weight per token (forward 2, backward 4), the tied output projection once,
+    # and QK^T plus AV: 2 x 2 x S x h per layer forward, x 3 with backward.
+    expected = 6 * layers * per_layer + 6 * vocab * h + 12 * layers * h * seq
+    assert flops_per_token(m) == expected == 42_661_576_704

@@ -1,0 +1,1 @@
+"""Throughput benchmarking: sweeps of parallel layouts, device peaks, MFU, scaling efficiency, reports."""

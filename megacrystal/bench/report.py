@@ -1,0 +1,105 @@
+"""Turn measured sweep points into report.json, report.md and plots (throughput vs devices, MFU per point)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def environment(peaks: dict) -> dict:
+    """What the numbers stand on: hardware, software, the peak used for MFU and the network behind them."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU: {cpu}",
+        "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+        "peak_tflops_per_device": peaks,
+        "network": "one host: ranks talk over loopback (gloo)" if not torch.cuda.is_available() else "one host",
+    }
+
+
+def summarize(points: list[dict], flops_per_token: float, peak_for) -> list[dict]:
+    """Add tokens/s per device, TFLOP/s per device, MFU and scaling efficiency to each point's measurements."""
+    base = min(points, key=lambda p: (p["world_size"], p["name"]))
+    base_rate = base["measured"]["tokens_per_s"] / base["world_size"]
+    rows = []
+    for p in points:
+        m = p["measured"]
+        per_device = m["tokens_per_s"] / p["world_size"]
+        tflops = flops_per_token * per_device / 1e12
+        peak = peak_for(p)
+        cores = os.cpu_count() or 1
+        rows.append({**p, "tokens_per_s": m["tokens_per_s"], "tokens_per_s_per_device": per_device,
+                     "oversubscribed": not torch.cuda.is_available() and p["world_size"] > cores,
+                     "tflops_per_device": tflops, "peak_tflops_per_device": peak,
+                     "mfu": tflops / peak if peak else None,
+                     "scaling_efficiency": per_device / base_rate, "baseline_point": base["name"]})
+    return rows
+
+
+def write_report(out: Path, rows: list[dict], env: dict, meta: dict) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps({"environment": env, **meta, "points": rows}, indent=1))
+    lines = [f"# megacrystal bench: {meta['config']}", "",
+             f"Device: {env['device']} ({env['cores']} cores); torch {env['torch']}; network: {env['network']}.",
+             f"FLOPs per token: {meta['flops_per_token']:.4g} (6N matmuls + tied head once + 12 L h S attention). "
+             f"Steps: {meta['steps']} per point, the first {meta['warmup']} not timed; step time is the median "
+             f"(p10-p90 shown).", "",
+             "| point | devices | step s (p10-p90) | tokens/s | tokens/s/device | TFLOP/s/device | peak | MFU | "
+             "scaling eff. | peak mem MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["measured"]
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        peak = f"{r['peak_tflops_per_device']:.3f}" if r["peak_tflops_per_device"] else "n/a"
+        lines.append(f"| {r['name']}{' (oversubscribed)' if r['oversubscribed'] else ''} | {r['world_size']} | {m['step_time_s']:.3f} ({m['step_time_p10_s']:.3f}-"
+                     f"{m['step_time_p90_s']:.3f}) | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_device']:,.0f} | "
+                     f"{r['tflops_per_device']:.4f} | {peak} | {mfu} | {r['scaling_efficiency']:.2f} | "
+                     f"{m['memory_mb'] or 0:,.0f} |")
+    lines += ["", f"Scaling efficiency = (tokens/s per device) / (that of {rows[0]['baseline_point']}, the smallest "
+              "point). MFU uses dense peaks; on a CPU the peak is a measured matmul rate at the point's threads "
+              "per rank; 'oversubscribed' marks points with more ranks than cores, whose numbers say little."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return [out / "report.json", out / "report.md", *_plots(out, rows)]
+
+
+def _plots(out: Path, rows: list[dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    devices = [r["world_size"] for r in rows]
+    ax.scatter(devices, [r["tokens_per_s"] for r in rows], label="measured")
+    for r in rows:
+        ax.annotate(r["name"], (r["world_size"], r["tokens_per_s"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    base = min(rows, key=lambda r: r["world_size"])
+    xs = sorted(set(devices))
+    ax.plot(xs, [base["tokens_per_s_per_device"] * x for x in xs], linestyle="--", color="grey", label="ideal")
+    ax.set_xlabel("devices (ranks)")
+    ax.set_ylabel("tokens/s")
+    ax.set_title("Throughput against devices")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(range(len(rows)), [100 * (r["mfu"] or 0) for r in rows])
+    ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("MFU %")
+    ax.set_title("Model FLOPs utilisation per point")
+    fig.tight_layout()
+    fig.savefig(out / "mfu.png", dpi=110)
+    plt.close(fig)
+    return [out / "throughput.png", out / "mfu.png"]

@@ -1,0 +1,113 @@
+"""Run a sweep of parallel layouts locally (one torchrun per point) and measure each from its metrics.jsonl."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..config import ConfigError
+
+# sweep key -> the --set overrides it becomes (dp is what the world size leaves, so it sets the world size).
+_KEYS = {
+    "nodes": None, "dp": None,
+    "tp": "parallel.tp", "pp": "parallel.pp", "vpp": "parallel.vpp", "sp": "parallel.sp",
+    "mbs": "train.micro_batch_size", "precision": "train.precision", "engine": "engine",
+    "zero": "deepspeed.zero_stage", "threads": "train.threads",
+}
+
+
+@dataclass
+class Point:
+    """One configuration of the sweep and what was measured for it."""
+
+    name: str
+    settings: dict
+    world_size: int
+    measured: dict = field(default_factory=dict)
+
+
+def parse_sweep(spec: str) -> list[dict]:
+    """'tp=1,2;pp=1,2;mbs=1,4' -> the cartesian product as a list of {key: value} (values parsed as ints if they can be)."""
+    axes = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        key, sep, values = part.partition("=")
+        key = key.strip()
+        if not sep or key not in _KEYS or not values.strip():
+            raise ConfigError(f"--sweep {part!r}: expected key=v1,v2 with key one of {', '.join(_KEYS)}")
+        axes.append([(key, _value(v.strip())) for v in values.split(",")])
+    if not axes:
+        raise ConfigError("--sweep: empty; e.g. --sweep 'dp=1,2;tp=1,2'")
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def _value(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def plan_points(settings_list: list[dict]) -> list[Point]:
+    points = []
+    for settings in settings_list:
+        if settings.get("nodes", 1) != 1:
+            raise ConfigError("--sweep nodes>1 needs SLURM (--slurm); locally every point runs on this machine")
+        world = settings.get("dp", 1) * settings.get("tp", 1) * settings.get("pp", 1)
+        name = "_".join(f"{k}{v}" for k, v in settings.items())
+        points.append(Point(name=name, settings=settings, world_size=world))
+    return points
+
+
+def overrides_for(point: Point, steps: int, lr: float) -> list[str]:
+    """--set arguments of a point: its layout on the synthetic stream, for `steps` steps at `lr`, saving nothing
+    but the final checkpoint (after the timed steps)."""
+    sets = [f"{_KEYS[k]}={v}" for k, v in point.settings.items() if _KEYS.get(k)]
+    sets += ["data.source=synthetic", "data.phases={}", f"train.steps={steps}", f"optim.lr={lr}",
+             "checkpoint.interval=null",
+             "checkpoint.phase_end=false", "train.log_interval=1000000"]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def run_point(config_path: str, base_overrides: list[str], point: Point, steps: int, lr: float, out: Path) -> Path:
+    """Run one point with torchrun (or one process); return its run directory."""
+    run_dir = out / "points" / point.name
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(point.world_size),
+           "-m", "megacrystal", "train"] if point.world_size > 1 else [sys.executable, "-m", "megacrystal", "train"]
+    cmd += ["--config", config_path, "--resume", "none", *base_overrides, *overrides_for(point, steps, lr),
+            "--set", f"run.dir={run_dir}", "--set", f"checkpoint.dir={run_dir}/checkpoints"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // point.world_size))}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise ConfigError(f"bench point {point.name} failed (exit {done.returncode}): {tail[0]}")
+    return run_dir
+
+
+def measure(run_dir: Path, warmup: int) -> dict:
+    """Step-time statistics after `warmup` steps, from the run's metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    timed = records[warmup:]
+    if len(timed) < 3:
+        raise ConfigError(f"{run_dir}: only {len(timed)} steps after warm-up; raise --steps")
+    times = sorted(r["step_time_s"] for r in timed)
+    tokens = records[0]["tokens"]  # cumulative after the first step = tokens per step
+    median = statistics.median(times)
+    return {
+        "steps_timed": len(timed),
+        "step_time_s": median,
+        "step_time_p10_s": times[len(times) // 10],
+        "step_time_p90_s": times[min(len(times) - 1, (9 * len(times)) // 10)],
+        "tokens_per_step": tokens,
+        "tokens_per_s": tokens / median,
+        "loss_last": timed[-1]["loss"],
+        "memory_mb": max((r.get("memory_mb") or 0) for r in records) or None,
+    }
+
+
+def as_dict(point: Point) -> dict:
+    return asdict(point)

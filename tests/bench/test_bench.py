@@ -1,0 +1,46 @@
+"""`megacrystal bench`: sweep parsing, and a real two-point sweep that writes its report and plots."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megacrystal.bench.peaks import device_peak_tflops
+from megacrystal.bench.sweep import parse_sweep, plan_points
+from megacrystal.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_sweep_is_the_cartesian_product():
+    points = plan_points(parse_sweep("dp=1,2;tp=1,2;mbs=2"))
+    assert [p.name for p in points] == ["dp1_tp1_mbs2", "dp1_tp2_mbs2", "dp2_tp1_mbs2", "dp2_tp2_mbs2"]
+    assert [p.world_size for p in points] == [1, 2, 2, 4]
+
+
+@pytest.mark.parametrize("spec", ["", "gpus=1,2", "tp=", "tp"])
+def test_bad_sweeps_are_one_line_errors(spec):
+    with pytest.raises(ConfigError, match="--sweep"):
+        parse_sweep(spec)
+
+
+def test_dense_peaks_by_device_name():
+    assert device_peak_tflops("NVIDIA H100 80GB HBM3 SXM", "bf16") == 989.0
+    assert device_peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
+    assert device_peak_tflops("Some Future GPU", "bf16") is None
+
+
+@pytest.mark.slow
+def test_two_point_sweep_writes_report_and_plots(synthetic_config, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "megacrystal", "bench", "--config", str(synthetic_config),
+                          "--sweep", "dp=1,2", "--steps", "8", "--warmup", "3", "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [p["name"] for p in report["points"]] == ["dp1", "dp2"]
+    for point in report["points"]:
+        assert point["tokens_per_s"] > 0 and 0 < point["mfu"] < 1 and point["measured"]["steps_timed"] == 5
+    assert report["points"][0]["scaling_efficiency"] == 1.0
+    assert "| dp2 | 2 |" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "throughput.png").stat().st_size > 0 and (tmp_path / "mfu.png").stat().st_size > 0
