@@ -11,11 +11,47 @@ def register(subparsers) -> None:
 
     bench = subparsers.add_parser("bench", help="sweep parallel layouts and report tokens/s, TFLOP/s, MFU, scaling")
     add_config_args(bench)
-    bench.add_argument("--sweep", required=True, help="e.g. 'dp=1,2;tp=1,2;pp=1,2;mbs=1,4'")
+    bench.add_argument("--sweep", help="measure these points, e.g. 'dp=1,2;tp=1,2;pp=1,2;mbs=1,4'")
     bench.add_argument("--steps", type=int, default=20, help="steps per point (default 20)")
     bench.add_argument("--warmup", type=int, default=5, help="first steps not timed (default 5)")
-    bench.add_argument("--out", required=True, help="report directory")
+    bench.add_argument("--out", help="report directory (with --sweep)")
+    predict = bench.add_argument_group("prediction (--predict): the analytical step-time model for a cluster")
+    predict.add_argument("--predict", action="store_true", help="print the predicted step time instead of measuring")
+    predict.add_argument("--nodes", type=int, default=1)
+    predict.add_argument("--devices-per-node", type=int, default=8)
+    predict.add_argument("--device", default="H100 SXM", help="a name from the dense-peak table")
+    predict.add_argument("--inter-node-gbps", type=float, default=400.0, help="network per node, Gb/s")
+    predict.add_argument("--intra-node-gbps", type=float, default=3600.0, help="per device inside a node, Gb/s")
+    predict.add_argument("--efficiency", type=float, default=0.5, help="sustained fraction of peak in matmuls")
     bench.set_defaults(handler=run)
+
+
+def _predict(args, config) -> int:
+    from ..config import ConfigError
+    from ..model.size import flops_per_token
+    from .peaks import DEVICE_PEAKS_TFLOPS
+    from .scaling import Cluster, predict
+
+    if args.device not in DEVICE_PEAKS_TFLOPS:
+        raise ConfigError(f"--device {args.device!r}: unknown; choose one of {', '.join(DEVICE_PEAKS_TFLOPS)}")
+    cluster = Cluster(args.nodes, args.devices_per_node, DEVICE_PEAKS_TFLOPS[args.device][config.train.precision],
+                      args.intra_node_gbps, args.inter_node_gbps, args.efficiency)
+    config.data_parallel_size(cluster.devices)
+    result = predict(config, cluster)
+    tokens = config.train.global_batch_size * config.model.seq_length
+    mfu = flops_per_token(config.model) * tokens / (cluster.devices * cluster.peak_tflops * 1e12 * result.step_s)
+    p = config.parallel
+    print(f"cluster      {cluster.nodes} nodes x {cluster.devices_per_node} {args.device} "
+          f"({cluster.peak_tflops:g} TFLOP/s dense {config.train.precision}), {args.inter_node_gbps:g} Gb/s between "
+          f"nodes, {args.intra_node_gbps:g} Gb/s inside")
+    print(f"layout       tp {p.tp} x pp {p.pp}{f' (vpp {p.vpp})' if p.vpp else ''} x dp "
+          f"{cluster.devices // (p.tp * p.pp)}, micro-batch {config.train.micro_batch_size}")
+    for name, seconds in (("compute", result.compute_s), ("pipeline bubble", result.bubble_s),
+                          ("TP comm", result.tp_s), ("PP comm", result.pp_s), ("DP comm", result.dp_s)):
+        print(f"  {name:16s} {seconds:9.3f} s")
+    print(f"step         {result.step_s:.3f} s -> {tokens / result.step_s:,.0f} tokens/s, MFU {100 * mfu:.1f}% "
+          f"(matmul efficiency {args.efficiency:g}; no overlap of communication assumed)")
+    return 0
 
 
 def run(args) -> int:
@@ -26,6 +62,10 @@ def run(args) -> int:
     from . import peaks, report, sweep
 
     config = load_config(args.config, args.overrides)
+    if args.predict:
+        return _predict(args, config)
+    if not args.sweep or not args.out:
+        raise ConfigError("bench: give --sweep and --out to measure, or --predict to model a cluster")
     if args.steps <= args.warmup + 2:
         raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup} by at least 3")
     points = sweep.plan_points(sweep.parse_sweep(args.sweep))

@@ -44,3 +44,24 @@ def test_two_point_sweep_writes_report_and_plots(synthetic_config, tmp_path):
     assert report["points"][0]["scaling_efficiency"] == 1.0
     assert "| dp2 | 2 |" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "throughput.png").stat().st_size > 0 and (tmp_path / "mfu.png").stat().st_size > 0
+
+
+def test_scaling_model_for_crystal_7b_by_hand():
+    from megacrystal.bench.scaling import Cluster, predict
+    from megacrystal.config import load_config
+
+    config = load_config(ROOT / "configs" / "crystal-7b.yaml")  # tp 2 x pp 4, sp, bf16, mbs 1, batch 2112
+    cluster = Cluster(nodes=16, devices_per_node=8, peak_tflops=989.0, intra_node_gbps=3600, inter_node_gbps=400)
+    got = predict(config, cluster)
+    tokens = 2112 * 2048
+    assert got.compute_s == pytest.approx(42_661_576_704 * tokens / (128 * 989e12 * 0.5))
+    microbatches = 2112 // 16  # per data-parallel rank
+    assert got.bubble_s == pytest.approx(got.compute_s * 3 / microbatches)
+    per_device_network = 400e9 / 8 / 8  # bytes/s: a node's 400 Gb/s shared by 8 GPUs
+    grads = 6_575_278_720 / 8 * 4  # fp32 gradients of this rank's 1/(tp x pp) share
+    assert got.dp_s == pytest.approx(2 * 15 / 16 * grads / per_device_network)
+    activation = 2048 * 4096 * 2  # one sequence of bf16 activations
+    assert got.tp_s == pytest.approx(microbatches * 8 * 4 * (2 * 1 / 2) * activation / (3600e9 / 8))
+    assert got.pp_s == pytest.approx(microbatches * 2 * activation / 2 / per_device_network)
+    faster = predict(config, Cluster(16, 8, 989.0, 3600, 3200))
+    assert faster.dp_s < got.dp_s and faster.compute_s == got.compute_s
