@@ -15,6 +15,8 @@ def register(subparsers) -> None:
     bench.add_argument("--steps", type=int, default=20, help="steps per point (default 20)")
     bench.add_argument("--warmup", type=int, default=5, help="first steps not timed (default 5)")
     bench.add_argument("--out", help="report directory (with --sweep)")
+    bench.add_argument("--no-baseline", action="store_true",
+                       help="skip the plain-PyTorch eager baseline measured beside the 1-process points")
     predict = bench.add_argument_group("prediction (--predict): the analytical step-time model for a cluster")
     predict.add_argument("--predict", action="store_true", help="print the predicted step time instead of measuring")
     predict.add_argument("--nodes", type=int, default=1)
@@ -94,9 +96,32 @@ def run(args) -> int:
               flush=True)
         measured.append(sweep.as_dict(point))
     rows = report.summarize(measured, flops_per_token(config.model), peak_for)
+    baselines = {} if args.no_baseline else _baselines(config, rows, args)
     env = report.environment({f"{t} threads {p}": v for (t, p), v in cpu_peaks.items()} or "device table")
     meta = {"config": args.config, "sweep": args.sweep, "steps": args.steps, "warmup": args.warmup,
             "flops_per_token": flops_per_token(config.model), "command": " ".join(sys.argv)}
-    for path in report.write_report(out, rows, env, meta):
+    for path in report.write_report(out, rows, env, {**meta, "baselines": baselines}):
         print(path)
     return 0
+
+
+def _baselines(config, rows: list[dict], args) -> dict:
+    """Time the plain-PyTorch baseline at each (micro-batch, precision) of the 1-process points."""
+    import os
+
+    from .baseline import time_baseline
+
+    out = {}
+    for row in rows:
+        if row["world_size"] != 1:
+            continue
+        mbs = row["settings"].get("mbs", config.train.micro_batch_size)
+        precision = row["settings"].get("precision", config.train.precision)
+        key = f"mbs{mbs}_{precision}"
+        if key not in out:
+            print(f"baseline (plain PyTorch eager): micro-batch {mbs}, {precision}", flush=True)
+            out[key] = time_baseline(config.model, mbs, config.train.global_batch_size // mbs, args.steps,
+                                     args.warmup, precision, threads=os.cpu_count())
+        row["baseline"] = key
+        row["step_time_vs_baseline"] = row["measured"]["step_time_s"] / out[key]["step_time_s"]
+    return out

@@ -67,6 +67,14 @@ def write_report(out: Path, rows: list[dict], env: dict, meta: dict) -> list[Pat
     lines += ["", f"Scaling efficiency = (tokens/s per device) / (that of {rows[0]['baseline_point']}, the smallest "
               "point). MFU uses dense peaks; on a CPU the peak is a measured matmul rate at the point's threads "
               "per rank; 'oversubscribed' marks points with more ranks than cores, whose numbers say little."]
+    if meta.get("baselines"):
+        lines += ["", "Plain-PyTorch eager baseline (the same model math, `bench/baseline.py`), one process:", "",
+                  "| baseline | step s | tokens/s | our 1-process point | ours / baseline step time |",
+                  "|---|---|---|---|---|"]
+        for key, b in meta["baselines"].items():
+            for r in (r for r in rows if r.get("baseline") == key):
+                lines.append(f"| {key} | {b['step_time_s']:.3f} | {b['tokens_per_s']:,.0f} | {r['name']} | "
+                             f"{r['step_time_vs_baseline']:.2f} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return [out / "report.json", out / "report.md", *_plots(out, rows)]
 

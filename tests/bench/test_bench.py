@@ -43,6 +43,9 @@ def test_two_point_sweep_writes_report_and_plots(synthetic_config, tmp_path):
         assert point["tokens_per_s"] > 0 and 0 < point["mfu"] < 1 and point["measured"]["steps_timed"] == 5
     assert report["points"][0]["scaling_efficiency"] == 1.0
     assert "| dp2 | 2 |" in (tmp_path / "report.md").read_text()
+    baseline = report["baselines"]["mbs2_fp32"]
+    assert baseline["step_time_s"] > 0 and report["points"][0]["step_time_vs_baseline"] > 0
+    assert "Plain-PyTorch eager baseline" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "throughput.png").stat().st_size > 0 and (tmp_path / "mfu.png").stat().st_size > 0
 
 
