@@ -67,6 +67,13 @@ class MegatronEngine:
         )
         if config.train.precision == "bf16":
             self.tconfig.grad_scale_func = optimizer.scale_loss
+        # Without Apex/Transformer Engine megatron falls back to torch's AdamW with its default per-parameter
+        # loop; torch's fused kernel does the same update several times faster (CPU and GPU).
+        for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+            torch_adamw = getattr(inner, "optimizer", None)
+            if isinstance(torch_adamw, torch.optim.AdamW):
+                for group in torch_adamw.param_groups:
+                    group["fused"], group["foreach"] = True, False
         return optimizer
 
     def reset_optimizer(self) -> None:
