@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "tensorboard==2.21.0",
     "tqdm==4.70.1",
     "matplotlib==3.11.2",
+    "safetensors==0.8.0",  # Hugging Face export
 ]
 
 setup(

@@ -59,11 +59,12 @@ class Checkpointer:
         if path is None:
             return None
         path = Path(path)
-        self.engine.load_checkpoint(path / "engine")
+        state = json.loads((path / TRAINER_STATE).read_text())
+        # Imported weights (megacrystal import hf|cerebras) carry no optimizer state: start it fresh.
+        self.engine.load_checkpoint(path / "engine", optimizer=not state.get("weights_only", False))
         rng = path / "rng" / f"rank_{self.layout.rank}.pt"
         if rng.is_file():  # absent when the world grew; nothing in training draws random numbers yet
             torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
-        state = json.loads((path / TRAINER_STATE).read_text())
         state["path"] = str(path)
         return state
 

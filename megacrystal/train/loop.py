@@ -66,6 +66,10 @@ def train(config: Config, resume: str = "auto") -> list[dict]:
         engine = build_engine(config, layout)
         checkpointer = Checkpointer(config, layout, engine, source)
         state = checkpointer.resume(resume)
+        change = None
+        if state and state.get("weights_only"):  # imported weights: a fresh run that starts from them
+            _say(layout, f"starting from the weights of {state['path']} (fresh optimizer and data cursors)")
+            state = None
         start = state["step"] if state else 0
         if state:
             change = source.load_state_dict(state["data"])
@@ -82,7 +86,7 @@ def train(config: Config, resume: str = "auto") -> list[dict]:
             if valid_streams else None
         loop = _Loop(config, plan, layout, engine, source, evaluator, metrics, checkpointer)
         try:
-            records = loop.run(start, events=[f"blend change: {change.describe()}"] if state and change else [])
+            records = loop.run(start, events=[f"blend change: {change.describe()}"] if change else [])
         finally:
             metrics.close()
         if layout.is_main:
