@@ -16,6 +16,7 @@ from .quiet import quiet_expected_warnings
 EXTRA_COMMANDS: list[str] = [
     "megacrystal.bench.commands",
     "megacrystal.export.commands",
+    "megacrystal.launch.commands",
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def dist_timeout() -> timedelta | None:
+    """$MEGACRYSTAL_DIST_TIMEOUT_S: how long a collective waits for a peer before the run fails (torch's default
+    when unset); multi-node launches lower it so a lost node fails the run in seconds, not half an hour."""
+    value = os.environ.get("MEGACRYSTAL_DIST_TIMEOUT_S")
+    return timedelta(seconds=float(value)) if value else None
+
+
 def init_process_group() -> None:
     """Join (or create, for a single process) the default process group; idempotent."""
     if dist.is_initialized():
@@ -54,7 +62,7 @@ def init_process_group() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=dist_timeout())
 
 
 def set_cpu_threads(requested: int | None) -> None:
@@ -79,10 +87,12 @@ def setup_parallel(config: Config) -> Layout:
     p = config.parallel
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    timeout = dist_timeout()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp,
+        distributed_timeout_minutes=timeout.total_seconds() / 60 if timeout else 30,
     )
     model_parallel_cuda_manual_seed(config.train.seed)
     set_cpu_threads(config.train.threads)

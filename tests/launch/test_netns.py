@@ -1,0 +1,126 @@
+"""Two hosts made of network namespaces joined by a veth pair (10.200.0.1 <-> 10.200.0.2), one torchrun in each
+through `launch/local.sh --nnodes 2`: a run across them has the single-host losses; cutting the link fails both
+sides within the configured collective timeout with a clear error; relaunching resumes from the last checkpoint.
+
+Both "hosts" share this machine's hostname, which resolves to 127.0.0.1 on neither of their links: local.sh has to
+find each host's address and interface itself (GLOO_SOCKET_IFNAME, --local-addr, the c10d is_host flag).
+Skipped, with the reason, where namespaces cannot be made (not root, no iproute2, a kernel or sandbox without
+network namespaces).
+"""
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from .conftest import ROOT, STEPS, kill_tree, latest_checkpoint, losses, steps_done
+
+pytestmark = pytest.mark.slow
+TIMEOUT_S = 10  # MEGACRYSTAL_DIST_TIMEOUT_S for these runs: how long a collective waits for a lost peer
+ADDRS = ("10.200.0.1", "10.200.0.2")
+
+
+def _ip(*args, check=True) -> subprocess.CompletedProcess:
+    out = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and out.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {out.stderr.strip()}")
+    return out
+
+
+@pytest.fixture
+def hosts():
+    """Two namespaces and the veth pair between them: yields [(namespace, interface), ...]; removes them after."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    if not shutil.which("ip"):
+        pytest.skip("iproute2 (the ip command) is not installed")
+    tag = f"{os.getpid() % 100000}"
+    pairs = [(f"mc{tag}a", f"mcv{tag}a"), (f"mc{tag}b", f"mcv{tag}b")]
+    made = []
+    try:
+        for ns, _ in pairs:
+            out = _ip("netns", "add", ns, check=False)
+            if out.returncode != 0:
+                pytest.skip(f"cannot create a network namespace here: {out.stderr.strip()}")
+            made.append(ns)
+        (ns_a, if_a), (ns_b, if_b) = pairs
+        out = _ip("link", "add", if_a, "netns", ns_a, "type", "veth", "peer", "name", if_b, "netns", ns_b,
+                  check=False)
+        if out.returncode != 0:
+            pytest.skip(f"cannot create a veth pair between namespaces here: {out.stderr.strip()}")
+        for (ns, iface), addr in zip(pairs, ADDRS):
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", iface)
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "link", "set", iface, "up")
+        yield pairs
+    finally:
+        for ns in made:
+            _ip("netns", "del", ns, check=False)  # takes the veth pair with it
+
+
+def _launch(hosts, config, run, rendezvous: str) -> list[subprocess.Popen]:
+    """One `launch/local.sh 1 ... --nnodes 2` per namespace: static (--master-addr) or c10d rendezvous."""
+    procs = []
+    env = {**os.environ, "MEGACRYSTAL_DIST_TIMEOUT_S": str(TIMEOUT_S), "MEGACRYSTAL_AGENT_GRACE_S": "20"}
+    for rank, (ns, _) in enumerate(hosts):
+        where = ["--master-addr", ADDRS[0], "--master-port", "29500"] if rendezvous == "static" else \
+            ["--rdzv-endpoint", f"{ADDRS[0]}:29400"]
+        cmd = ["ip", "netns", "exec", ns, "bash", str(ROOT / "launch" / "local.sh"), "1", str(config),
+               "--nnodes", "2", "--node-rank", str(rank), *where,
+               "--set", f"run.dir={run}", "--set", f"train.steps={STEPS}"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+    return procs
+
+
+def _finish(procs, timeout: float) -> list[tuple[int, str]]:
+    results = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=timeout)
+            results.append((proc.returncode, out))
+    finally:
+        for proc in procs:
+            kill_tree(proc)
+    return results
+
+
+def test_two_hosts_train_like_one_fail_fast_when_cut_and_resume(hosts, synthetic_config, reference_losses,
+                                                                tmp_path):
+    run = tmp_path / "run"
+    (ns_b, if_b) = hosts[1]
+
+    # 1. Static rendezvous across the link; cut it (node b's side) in the middle of the run.
+    procs = _launch(hosts, synthetic_config, run, "static")
+    try:
+        deadline = time.time() + 240
+        while steps_done(run) < 4:
+            assert all(p.poll() is None for p in procs), _finish(procs, 30)
+            assert time.time() < deadline, "the two-host run made no progress"
+            time.sleep(0.05)
+        _ip("-n", ns_b, "link", "set", if_b, "down")
+        cut = time.time()
+        results = _finish(procs, TIMEOUT_S + 60)
+    finally:
+        for proc in procs:
+            kill_tree(proc)
+    failed_after = time.time() - cut
+    for code, out in results:
+        assert code == 1, out[-3000:]
+        # the one-line error names the cause: a peer stopped answering for the configured timeout
+        assert f"a peer stopped answering for {TIMEOUT_S} s (MEGACRYSTAL_DIST_TIMEOUT_S)" in out, out[-3000:]
+    assert failed_after < TIMEOUT_S + 15, f"the run took {failed_after:.0f} s to fail after the link was cut"
+    assert steps_done(run) < STEPS
+    last = latest_checkpoint(run)
+
+    # 2. Link back; relaunch with a c10d rendezvous: both hosts resume from the last checkpoint and finish.
+    _ip("-n", ns_b, "link", "set", if_b, "up")
+    results = _finish(_launch(hosts, synthetic_config, run, "c10d"), 300)
+    for code, out in results:
+        assert code == 0, out[-3000:]
+    assert f"resumed from {run}/checkpoints/step_{last:09d} at step {last}" in results[0][1]
+    assert "GLOO_SOCKET_IFNAME=" + hosts[0][1] in results[0][1]  # found by local.sh, not given
+
+    # 3. Across two hosts, interrupted and resumed: the single-host losses, bit for bit.
+    assert losses(run) == reference_losses
