@@ -46,6 +46,16 @@ def _trainers(include_exited: bool = False) -> list[psutil.Process]:
     return children
 
 
+def _handles_usr1(pid: int) -> bool:
+    """Whether process `pid` ignores or catches SIGUSR1 (Linux: the SigIgn/SigCgt masks of /proc/PID/status)."""
+    bit = 1 << (signal.SIGUSR1 - 1)
+    try:
+        fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status") if ":" in line)
+        return bool((int(fields["SigIgn"], 16) | int(fields["SigCgt"], 16)) & bit)
+    except (OSError, KeyError, ValueError):
+        return True  # no /proc (not Linux): send as before
+
+
 class StopForwarder:
     """Forwards SIGUSR1 to the trainers now and every REPEAT_S seconds after."""
 
@@ -65,6 +75,10 @@ class StopForwarder:
     @staticmethod
     def forward() -> None:
         for child in _trainers():
+            # A trainer still in interpreter start-up has SIGUSR1's default action (terminate) until worker.py
+            # runs its first line; skip it now, the repeat reaches it once it ignores or handles the signal.
+            if not _handles_usr1(child.pid):
+                continue
             try:
                 child.send_signal(signal.SIGUSR1)
             except psutil.Error:
