@@ -106,6 +106,10 @@ def measure(run_dir: Path, warmup: int) -> dict:
         "tokens_per_s": tokens / median,
         "loss_last": timed[-1]["loss"],
         "memory_mb": max((r.get("memory_mb") or 0) for r in records) or None,
+        # data loading (inside the step) and metrics/progress writing (between steps), as a share of the step
+        "data_and_log_share": (statistics.median(r.get("data_time_s", 0.0) for r in timed)
+                               + statistics.median(r.get("log_time_s", 0.0) for r in timed))
+                              / (median + statistics.median(r.get("log_time_s", 0.0) for r in timed)),
     }
 
 

@@ -112,19 +112,23 @@ class _Loop:
         progress = Progress(self.plan.total_steps, first_step=start, enabled=self.layout.is_main)
         watch = StopWatch(c.stop_signals, c.time_limit_s, self.layout.device)
         records = []
+        log_seconds = 0.0
         try:
             for step in range(start, self.plan.total_steps):
                 record = self._step(step)
                 if events:
                     record["events"], events = events, []
                 reason, record["memory_mb"] = watch.should_stop(record["step_time_s"], _peak_memory_mb())
+                record["log_time_s"] = log_seconds  # writing the previous step's metrics and progress line
                 records.append(record)
+                logged = time.perf_counter()
                 self.metrics.write(record)
                 if (step + 1) % t.log_interval == 0 or step + 1 == self.plan.total_steps or "val_loss" in record:
                     extra = f"{record['phase']} | grad {record['grad_norm']:.3f}"
                     if "val_loss" in record:
                         extra += " | val " + " ".join(f"{k} {v:.3f}" for k, v in record["val_loss"].items())
                     progress.line(step, record["loss"], record["lr"], record["tokens_per_s"], extra)
+                log_seconds = time.perf_counter() - logged
                 last = step + 1 == self.plan.total_steps
                 phase_end = step + 1 in self.ends
                 if (c.interval and (step + 1) % c.interval == 0) or (phase_end and c.phase_end) or last or reason:
@@ -150,6 +154,7 @@ class _Loop:
             with open(self.samples_log, "a") as f:
                 f.write(json.dumps({"step": step + 1, "samples": batch.samples}) + "\n")
         microbatches = rank_microbatches(batch.tokens, layout.dp_rank, layout.dp, t.micro_batch_size, batch.loss_mask)
+        data_seconds = time.perf_counter() - started
         lr = plan.lr_at_step(step)
         result = self.engine.train_step(microbatches, lr)
         seconds = time.perf_counter() - started
@@ -164,6 +169,7 @@ class _Loop:
             "grad_norm": result.grad_norm,
             "skipped": result.skipped,
             "step_time_s": seconds,
+            "data_time_s": data_seconds,  # part of step_time_s: drawing, reading and slicing the batch
             "tokens_per_s": tokens_per_s,
             "tflops_per_device": tflops,
             "mfu": tflops / t.peak_tflops_per_device if t.peak_tflops_per_device else None,

@@ -41,6 +41,7 @@ def test_two_point_sweep_writes_report_and_plots(synthetic_config, tmp_path):
     assert [p["name"] for p in report["points"]] == ["dp1", "dp2"]
     for point in report["points"]:
         assert point["tokens_per_s"] > 0 and 0 < point["mfu"] < 1 and point["measured"]["steps_timed"] == 5
+        assert 0 < point["measured"]["data_and_log_share"] < 1
     assert report["points"][0]["scaling_efficiency"] == 1.0
     assert "| dp2 | 2 |" in (tmp_path / "report.md").read_text()
     baseline = report["baselines"]["mbs2_fp32"]
