@@ -9,7 +9,7 @@
 # BASE defaults to /tmp/megacrystal-slurm. Clients use the cluster with `export SLURM_CONF=BASE/slurm.conf`.
 # Needs root (slurmd) and Debian's slurmctld slurmd slurm-client munge packages; no systemd (every daemon
 # forks itself and writes a pid file). `up` stops whatever it started when it fails.
-# Measured recipes: /work/shared/docs/slurm-and-multinode-on-one-machine.md.
+# Measured recipes: ../shared/docs/slurm-and-multinode-on-one-machine.md (beside the repository).
 set -euo pipefail
 ACTION=${1:-}
 BASE=${2:-${MEGACRYSTAL_SLURM_BASE:-/tmp/megacrystal-slurm}}

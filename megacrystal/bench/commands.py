@@ -72,7 +72,7 @@ def run(args) -> int:
         raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup} by at least 3")
     points = sweep.plan_points(sweep.parse_sweep(args.sweep))
     # Points run on the synthetic stream (no data files, no phase boundaries) at the first phase's peak LR.
-    lr = config.optim.lr or next(iter(config.data.phases.values())).lr.peak if config.data.phases else config.optim.lr
+    lr = config.optim.lr or next(iter(config.data.phases.values())).lr.peak
     out = Path(args.out)
     cpu_peaks: dict[int, float] = {}
 

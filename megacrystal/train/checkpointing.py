@@ -24,10 +24,10 @@ TRAINER_STATE = "trainer_state.json"
 def checkpoint_identity(config: Config) -> dict:
     """What a checkpoint must match to be loaded: the model's shape and the optimizer-state format."""
     m = config.model
-    fmt = config.engine if config.engine != "megatron" else \
-        ("megatron-distributed-optimizer" if config.parallel.distributed_optimizer else "megatron")
     if config.engine == "deepspeed":
         fmt = f"deepspeed-zero{config.deepspeed.zero_stage}"
+    else:
+        fmt = "megatron-distributed-optimizer" if config.parallel.distributed_optimizer else "megatron"
     return {"model_fingerprint": {"num_layers": m.num_layers, "hidden_size": m.hidden_size,
                                   "num_heads": m.num_heads, "ffn_hidden_size": m.ffn_hidden_size,
                                   "vocab_size": m.vocab_size},
@@ -40,6 +40,8 @@ class Checkpointer:
     def __init__(self, config: Config, layout: Layout, engine, source):
         self.config, self.layout, self.engine, self.source = config, layout, engine, source
         self.identity = checkpoint_identity(config)
+        self.resolved_config = dump_config(config)  # the config does not change during a run
+        self.config_sha256 = hashlib.sha256(self.resolved_config.encode()).hexdigest()
         self.store = CheckpointStore(config.checkpoint_dir(), keep=config.checkpoint.keep, recover=layout.is_main)
 
     # -- resume ----------------------------------------------------------------------------------------
@@ -72,8 +74,7 @@ class Checkpointer:
     def save(self, state: dict, phase_end: bool) -> Path:
         """Write a checkpoint of the state after `state['step']` steps on every rank; rank 0 commits it."""
         step = state["step"]
-        resolved = dump_config(self.config)
-        state = {**state, "config_sha256": hashlib.sha256(resolved.encode()).hexdigest()}
+        state = {**state, "config_sha256": self.config_sha256}
         metadata = {**self.identity, "tokens": state["tokens"], "phase": state["phase"],
                     "config_sha256": state["config_sha256"]}
         outcome = [None, None]
@@ -106,7 +107,7 @@ class Checkpointer:
             torch.save({"torch": torch.get_rng_state()}, tmp / "rng" / f"rank_{self.layout.rank}.pt")
             if self.layout.is_main:
                 (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
-                (tmp / "config.yaml").write_text(dump_config(self.config))  # its sha256 is in the manifest
+                (tmp / "config.yaml").write_text(self.resolved_config)  # its sha256 is in the manifest
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as err:  # noqa: BLE001 - reported below, after all ranks agree

@@ -105,6 +105,7 @@ class _Loop:
         self.config, self.plan, self.layout, self.engine = config, plan, layout, engine
         self.source, self.evaluator, self.metrics, self.checkpointer = source, evaluator, metrics, checkpointer
         self.ends = {b.end_step for b in plan.boundaries()}
+        self.flops_per_token = flops_per_token(config.model)
         self.samples_log = Path(config.run_dir()) / "samples.jsonl" if config.data.log_samples else None
 
     def run(self, start: int, events: list[str]) -> list[dict]:
@@ -159,7 +160,7 @@ class _Loop:
         result = self.engine.train_step(microbatches, lr)
         seconds = time.perf_counter() - started
         tokens_per_s = result.tokens / seconds
-        tflops = flops_per_token(m) * tokens_per_s / layout.world_size / 1e12
+        tflops = self.flops_per_token * tokens_per_s / layout.world_size / 1e12
         record = {
             "step": step + 1,
             "phase": phase.name,
