@@ -8,6 +8,7 @@ import sys
 from .config import Config, ConfigError, load_config
 from .checkpoint.errors import CheckpointError
 from .data.errors import DataError
+from .host_memory import keep_freed_memory
 from .quiet import quiet_expected_warnings
 
 
@@ -76,6 +77,7 @@ def _info(config: Config, world_size: int | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    keep_freed_memory()
     if not args.debug:
         quiet_expected_warnings()
     try:

@@ -85,6 +85,16 @@ class TrainSection(_Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     threads: Optional[int] = Field(None, ge=1)  # CPU threads per rank; default: cores / local ranks
     peak_tflops_per_device: Optional[float] = Field(None, gt=0)  # for MFU; None: not reported
+    # torch.profiler over these steps (1-based, inclusive): <run.dir>/profile/ gets a per-op table and a trace
+    profile_steps: Optional[tuple[int, int]] = None
+
+    @model_validator(mode="after")
+    def _check_profile(self) -> "TrainSection":
+        if self.profile_steps:
+            first, last = self.profile_steps
+            _require(1 <= first <= last, "train.profile_steps", f"[{first}, {last}] must be [first, last] with "
+                     "1 <= first <= last")
+        return self
 
 
 class CheckpointSection(_Section):

@@ -17,6 +17,7 @@ from ..schedule.plan import RunPlan
 from .checkpointing import Checkpointer
 from .eval import Evaluator
 from .metrics import MetricsWriter, truncate_jsonl
+from .profiling import StepProfiler
 from .progress import Progress
 from .signals import Preempted, StopWatch
 
@@ -79,7 +80,7 @@ def train(config: Config, resume: str = "auto") -> list[dict]:
         metrics = MetricsWriter(run_dir, enabled=layout.is_main, resumed_step=start)
         if layout.is_main:
             (run_dir / "config.resolved.yaml").write_text(dump_config(config))
-            if start and config.data.log_samples:
+            if config.data.log_samples:
                 truncate_jsonl(run_dir / "samples.jsonl", start)
             print(plan.report(), flush=True)
         evaluator = Evaluator(valid_streams, config.data.eval_samples, config.train.micro_batch_size, layout) \
@@ -112,11 +113,13 @@ class _Loop:
         t, c = self.config.train, self.config.checkpoint
         progress = Progress(self.plan.total_steps, first_step=start, enabled=self.layout.is_main)
         watch = StopWatch(c.stop_signals, c.time_limit_s, self.layout.device)
+        profiler = StepProfiler(t.profile_steps, Path(self.config.run_dir()), self.layout.rank)
         records = []
         log_seconds = 0.0
         try:
             for step in range(start, self.plan.total_steps):
-                record = self._step(step)
+                with profiler.around(step):
+                    record = self._step(step)
                 if events:
                     record["events"], events = events, []
                 reason, record["memory_mb"] = watch.should_stop(record["step_time_s"], _peak_memory_mb())

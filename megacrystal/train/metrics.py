@@ -21,7 +21,7 @@ class MetricsWriter:
     """Appends to <run>/metrics.jsonl and writes TensorBoard events (main rank only).
 
     A run resumed after step k first drops the records (and TensorBoard events) of later steps, so the files
-    always describe one consistent run.
+    always describe one consistent run (a fresh run, k = 0, drops them all).
     """
 
     def __init__(self, run_dir: Path, enabled: bool = True, resumed_step: int = 0):
@@ -29,12 +29,11 @@ class MetricsWriter:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        if resumed_step:
-            truncate_jsonl(run_dir / "metrics.jsonl", resumed_step)
+        truncate_jsonl(run_dir / "metrics.jsonl", resumed_step)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
 
-        self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resumed_step + 1 if resumed_step else None)
+        self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resumed_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         """Log one record; numeric fields (and nested dicts of numbers) also go to TensorBoard."""

@@ -25,8 +25,11 @@ def _records(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_data):
     root = tmp_path_factory.mktemp("curriculum")
+    (root / "single").mkdir()  # an older run's records in the same directory: a fresh run replaces them
+    (root / "single" / "metrics.jsonl").write_text(json.dumps({"step": 99, "loss": 0.0}) + "\n")
     single = subprocess.run([sys.executable, "-m", "megacrystal", "train", "--config", TINY,
-                             "--set", f"run.dir={root / 'single'}", *tiny_data, *SHORT],
+                             "--set", f"run.dir={root / 'single'}", "--set", "train.profile_steps=[11,12]",
+                             "--resume", "none", *tiny_data, *SHORT],
                             capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert single.returncode == 0, single.stderr
     piped = subprocess.run(["bash", str(ROOT / "launch" / "local.sh"), "2", TINY, "--set",
@@ -52,6 +55,10 @@ def test_run_dir_contract(runs):
     resolved = yaml.safe_load((runs["single"] / "config.resolved.yaml").read_text())
     assert resolved["data"]["phases"]["code"]["tokens"] == STEPS_PER_PHASE * BATCH * SEQ
     assert {p.name for p in runs["single"].glob("*.png")} == {"blend.png", "loss.png", "val_loss.png"}
+    ops = (runs["single"] / "profile" / "ops_rank0.txt").read_text()  # train.profile_steps=[11,12]
+    assert "aten::mm" in ops and "step 11" in ops and "step 12" in ops and "step 13" not in ops
+    trace = json.loads((runs["single"] / "profile" / "trace_rank0.json").read_text())
+    assert any(e.get("name") == "step 12" for e in trace["traceEvents"])
 
 
 def test_phases_change_at_their_token_boundaries(runs):
