@@ -1,12 +1,17 @@
 """Session fixtures shared across test packages."""
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "crystal-tiny.yaml")
+TESTCLUSTER = ROOT / "launch" / "slurm" / "testcluster.sh"
+SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue", "sinfo")
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +42,53 @@ def synthetic_config(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("synthetic") / "synthetic.yaml"
     path.write_text(yaml.safe_dump(SYNTHETIC))
     return path
+
+
+def _slurm_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "the SLURM test cluster needs root (slurmd); run as root, as .ci/run does"
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    missing = [p for p in SLURM_PROGRAMS if not shutil.which(p, path=path)]
+    if missing:
+        return (f"SLURM is not installed ({', '.join(missing)} missing): apt-get install slurmctld slurmd "
+                "slurm-client munge (.ci/run does)")
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A real two-node SLURM cluster on this machine (launch/slurm/testcluster.sh: munge, slurmctld, slurmd n1 and
+    n2, private ports, state and munge socket, in $MEGACRYSTAL_SLURM_BASE or a fresh directory); yields the
+    environment that reaches it. One per test module, torn down by PID at the module's end, whatever happened."""
+    reason = _slurm_missing()
+    if reason:
+        pytest.skip(reason)
+    env = {**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
+    base = os.environ.get("MEGACRYSTAL_SLURM_BASE") or tempfile.mkdtemp(prefix="megacrystal-slurm-", dir="/tmp")
+    try:
+        up = subprocess.run(["bash", str(TESTCLUSTER), "up", base], capture_output=True, text=True, env=env,
+                            timeout=120)
+        assert up.returncode == 0, f"cluster bring-up failed:\n{up.stderr}"
+        env["SLURM_CONF"] = f"{base}/slurm.conf"
+        yield env
+    finally:
+        down = subprocess.run(["bash", str(TESTCLUSTER), "down", base], capture_output=True, text=True, env=env,
+                              timeout=120)
+        leftovers = _daemons_of(base)
+        if not os.environ.get("MEGACRYSTAL_SLURM_BASE"):
+            shutil.rmtree(base, ignore_errors=True)
+        assert down.returncode == 0 and not leftovers, f"daemons left running: {leftovers}\n{down.stderr}"
+
+
+def _daemons_of(base: str) -> list[str]:
+    """Processes (not zombies) still running with this cluster's config or munge socket on their command line."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if base in cmdline and state != "Z":
+            found.append(f"{pid} {cmdline}")
+    return found

@@ -25,6 +25,20 @@ def register(subparsers) -> None:
     predict.add_argument("--inter-node-gbps", type=float, default=400.0, help="network per node, Gb/s")
     predict.add_argument("--intra-node-gbps", type=float, default=3600.0, help="per device inside a node, Gb/s")
     predict.add_argument("--efficiency", type=float, default=0.5, help="sustained fraction of peak in matmuls")
+    link = bench.add_argument_group("link (--link-rates): the model against two namespace hosts, needs root")
+    link.add_argument("--link-rates", metavar="MBITS", help="throttle a veth between two network namespaces to "
+                      "these rates (tc tbf, Mbit/s each way, e.g. 20,50,200) and compare DP=2 step times with "
+                      "the model; writes network.json and a report section to --out")
+    slurm = bench.add_argument_group("SLURM (--slurm): every point one job, as `megacrystal launch slurm` renders it")
+    slurm.add_argument("--slurm", action="store_true", help="run the points as SLURM jobs (the sweep may have nodes)")
+    slurm.add_argument("--gpus-per-node", type=int, help="trainer processes per node; 0 for CPU nodes "
+                       "(then --cpus-per-node); MFU on GPUs uses --device")
+    slurm.add_argument("--cpus-per-node", type=int, help="CPUs per node; with --gpus-per-node 0 also the processes")
+    slurm.add_argument("--partition", help="SLURM partition")
+    slurm.add_argument("--account", help="account to charge")
+    slurm.add_argument("--time", help="time limit per job, e.g. 30 (minutes)")
+    slurm.add_argument("--sbatch", dest="sbatch_extra", action="append", default=[], metavar="OPTION",
+                       help="one more #SBATCH option, e.g. --sbatch=--qos=high (repeatable)")
     bench.set_defaults(handler=run)
 
 
@@ -66,11 +80,17 @@ def run(args) -> int:
     config = load_config(args.config, args.overrides)
     if args.predict:
         return _predict(args, config)
+    if args.link_rates:
+        from . import network
+
+        return network.run(args, config)
     if not args.sweep or not args.out:
         raise ConfigError("bench: give --sweep and --out to measure, or --predict to model a cluster")
     if args.steps <= args.warmup + 2:
         raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup} by at least 3")
-    points = sweep.plan_points(sweep.parse_sweep(args.sweep))
+    from . import slurm
+
+    points = sweep.plan_points(sweep.parse_sweep(args.sweep), slurm.procs_per_node(args))
     # Points run on the synthetic stream (no data files, no phase boundaries) at the first phase's peak LR.
     lr = config.optim.lr or next(iter(config.data.phases.values())).lr.peak
     out = Path(args.out)
@@ -78,28 +98,38 @@ def run(args) -> int:
 
     def peak_for(point: dict) -> float | None:
         precision = point["settings"].get("precision", config.train.precision)
+        if args.slurm and args.gpus_per_node:  # the nodes' GPUs (--device): this host may have none
+            return peaks.device_peak_tflops(args.device, precision)
         if torch.cuda.is_available():
             return peaks.device_peak_tflops(torch.cuda.get_device_name(), precision)
-        threads = point["settings"].get("threads") or max(1, (os.cpu_count() or 1) // point["world_size"])
+        per_host = point["world_size"] // point["settings"].get("nodes", 1)  # ranks sharing one host's cores
+        threads = point["settings"].get("threads") or max(1, (os.cpu_count() or 1) // per_host)
         key = (threads, precision)
         if key not in cpu_peaks:
             cpu_peaks[key] = peaks.measure_cpu_peak_tflops(precision, threads)
         return cpu_peaks[key]
 
+    jobs = slurm.plan_jobs(args, points, lr, out) if args.slurm else []  # all checked before any is submitted
+    if jobs:
+        slurm.run_jobs(jobs, slurm.command_line())
     measured = []
     for i, point in enumerate(points, 1):
         print(f"[{i}/{len(points)}] {point.name}: {point.world_size} rank(s), {args.steps} steps", flush=True)
-        run_dir = sweep.run_point(args.config, sum((["--set", o] for o in args.overrides), []), point,
-                                  args.steps, lr, out)
+        run_dir = jobs[i - 1].run_dir if jobs else sweep.run_point(
+            args.config, sum((["--set", o] for o in args.overrides), []), point, args.steps, lr, out)
         point.measured = sweep.measure(run_dir, args.warmup)
         print(f"    {point.measured['tokens_per_s']:,.0f} tokens/s, step {point.measured['step_time_s']:.3f} s",
               flush=True)
         measured.append(sweep.as_dict(point))
     rows = report.summarize(measured, flops_per_token(config.model), peak_for)
-    baselines = {} if args.no_baseline else _baselines(config, rows, args)
+    # The baseline runs here, so it would not compare with points that ran on the cluster's nodes.
+    baselines = {} if args.no_baseline or jobs else _baselines(config, rows, args)
     env = report.environment({f"{t} threads {p}": v for (t, p), v in cpu_peaks.items()} or "device table")
     meta = {"config": args.config, "sweep": args.sweep, "steps": args.steps, "warmup": args.warmup,
             "flops_per_token": flops_per_token(config.model), "command": " ".join(sys.argv)}
+    if jobs:
+        meta["slurm"] = slurm.meta(args, jobs)
+        env["network"] = "SLURM: ranks on different nodes talk over the cluster's network"
     for path in report.write_report(out, rows, env, {**meta, "baselines": baselines}):
         print(path)
     return 0

@@ -77,7 +77,32 @@ def write_report(out: Path, rows: list[dict], env: dict, meta: dict) -> list[Pat
                 lines.append(f"| {key} | {b['step_time_s']:.3f} | {b['tokens_per_s']:,.0f} | {r['name']} | "
                              f"{r['step_time_vs_baseline']:.2f} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
+    add_network_section(out)  # a `bench --link-rates` run into the same directory keeps its section
     return [out / "report.json", out / "report.md", *_plots(out, rows)]
+
+
+# --- `bench --link-rates` (bench/network.py) ----------------------------------------------------------------
+_NETWORK_BEGIN, _NETWORK_END = "<!-- link-rates: begin -->", "<!-- link-rates: end -->"
+
+
+def add_network_section(out: Path) -> None:
+    """If `out` has network.json: append (or replace) the "Scaling model against a throttled link" section of
+    report.md, and put network.json into report.json as "network". Either report file is made if missing."""
+    from .network import markdown
+
+    path = out / "network.json"
+    if not path.is_file():
+        return
+    network = json.loads(path.read_text())
+    md = out / "report.md"
+    text = md.read_text() if md.is_file() else f"# megacrystal bench: {network['config']}\n"
+    if _NETWORK_BEGIN in text:  # an earlier copy: cut it out
+        head, _, rest = text.partition(_NETWORK_BEGIN)
+        text = head + rest.partition(_NETWORK_END)[2].lstrip("\n")
+    md.write_text(f"{text.rstrip()}\n\n{_NETWORK_BEGIN}\n{markdown(network)}\n{_NETWORK_END}\n")
+    summary = out / "report.json"
+    data = json.loads(summary.read_text()) if summary.is_file() else {}
+    summary.write_text(json.dumps({**data, "network": network}, indent=1))
 
 
 def _plots(out: Path, rows: list[dict]) -> list[Path]:

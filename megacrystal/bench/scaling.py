@@ -2,6 +2,9 @@
 pipeline bubble, and the communication volume of tensor, pipeline and data parallelism over given links.
 
 Nothing overlaps in this model (a conservative bound); ring collectives move 2 (n-1)/n of the buffer per rank.
+Link speeds are raw bits per second; `Cluster.inter_node_payload_fraction` is the share of them that is payload
+(headers and acknowledgements take the rest: see `tcp_payload_fraction`). `megacrystal bench --link-rates`
+checks the DP term against two namespace hosts on a link throttled by `tc tbf` (bench/network.py).
 """
 from __future__ import annotations
 
@@ -21,6 +24,9 @@ class Cluster:
     intra_node_gbps: float  # per-device bandwidth inside a node (e.g. NVLink), gigabits/s
     inter_node_gbps: float  # per-node network bandwidth, gigabits/s (shared by the node's devices)
     efficiency: float = 0.5  # sustained fraction of peak for the matmuls
+    # Payload share of the inter-node link's bits. 1.0 ignores framing (InfiniBand/RoCE with 4 KB frames lose
+    # ~2%); TCP over 1500-byte Ethernet (gloo, NCCL's socket transport): tcp_payload_fraction(), ~0.94.
+    inter_node_payload_fraction: float = 1.0
 
     @property
     def devices(self) -> int:
@@ -34,6 +40,7 @@ class Prediction:
     tp_s: float
     pp_s: float
     dp_s: float
+    dp_bytes: float = 0.0  # payload each rank sends per step for data parallelism (and receives as much)
 
     @property
     def step_s(self) -> float:
@@ -41,6 +48,51 @@ class Prediction:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "step_s": self.step_s}
+
+
+# Header bytes of one TCP segment on Ethernet as a qdisc (tbf) or a NIC's byte counters see it: the 14-byte
+# Ethernet header (no preamble, FCS or inter-frame gap on a veth), IPv4 20, TCP 20 + 12 of timestamp option
+# (Linux sends it by default). A 1500-byte MTU leaves a 1448-byte payload (MSS) per 1514-byte frame.
+ETHERNET_HEADER, IPV4_HEADER, TCP_HEADER = 14, 20, 32
+
+
+def tcp_payload_fraction(mtu: int = 1500, segments_per_ack: int = 2) -> float:
+    """Payload share of one direction of a TCP link whose two directions carry the same bytes at once.
+
+    A ring all-reduce is such a flow: every rank sends as much as it receives, so each direction carries full
+    data frames plus the acknowledgements of the data coming the other way. Linux acknowledges every second
+    full segment (RFC 1122/5681) with a header-only frame; ACKs that ride on data cost nothing, so with
+    `segments_per_ack=2` this is the low end (measured on a veth: ~1 pure ACK per 3 segments).
+    """
+    mss = mtu - IPV4_HEADER - TCP_HEADER
+    frame = mtu + ETHERNET_HEADER
+    ack = ETHERNET_HEADER + IPV4_HEADER + TCP_HEADER
+    return mss / (frame + ack / segments_per_ack)
+
+
+def dp_bytes_per_rank(config: Config, dp: int) -> float:
+    """Payload bytes one data-parallel rank sends (and receives) per step to synchronise gradients.
+
+    The megatron engine's DDP (engines/megatron.py: grad_reduce_in_fp32=True, overlap_grad_reduce=False) keeps
+    this rank's gradients in one fp32 buffer per dtype (a single bucket when nothing overlaps) and, after the
+    last micro-batch, either
+      - all-reduces it (torch.distributed.all_reduce; gloo and NCCL run a ring: a reduce-scatter then an
+        all-gather, each passing (n-1)/n of the buffer through every rank), or
+      - with the distributed optimizer, reduce-scatters the fp32 gradients and, after the optimizer step,
+        all-gathers the updated parameters in their own dtype (bf16 under bf16): (n-1)/n x (4 + 2 or 4) bytes.
+    The other collectives of a step (token count, loss, stop flag) are a few scalars: their bytes are nothing and
+    their latency (tens of microseconds per collective on a local link) is left out.
+    """
+    if dp <= 1:
+        return 0.0
+    m, p, t = config.model, config.parallel, config.train
+    params = parameter_count(m) / (p.tp * p.pp)  # this rank's share of the model
+    share = (dp - 1) / dp
+    grad_bytes = 4  # megatron reduces gradients in fp32 (grad_reduce_in_fp32)
+    if p.distributed_optimizer:
+        param_bytes = 2 if t.precision == "bf16" else 4
+        return share * params * (grad_bytes + param_bytes)
+    return 2 * share * params * grad_bytes
 
 
 def _ring_seconds(nbytes: float, ranks: int, bytes_per_s: float) -> float:
@@ -53,9 +105,9 @@ def predict(config: Config, cluster: Cluster, dp: int | None = None) -> Predicti
     m, p, t = config.model, config.parallel, config.train
     dp = dp or cluster.devices // (p.tp * p.pp)
     act_bytes = 2 if t.precision == "bf16" else 4
-    grad_bytes = 4  # megatron reduces gradients in fp32
     intra = cluster.intra_node_gbps * 1e9 / 8
-    inter = cluster.inter_node_gbps * 1e9 / 8 / cluster.devices_per_node  # a node's NIC is shared
+    # payload bytes/s: a node's NIC is shared by its devices, and framing takes its share of the bits
+    inter = cluster.inter_node_gbps * 1e9 / 8 * cluster.inter_node_payload_fraction / cluster.devices_per_node
     within_node = p.tp * p.pp * dp <= cluster.devices_per_node
 
     tokens = t.global_batch_size * m.seq_length
@@ -74,8 +126,9 @@ def predict(config: Config, cluster: Cluster, dp: int | None = None) -> Predicti
     pp_bw = intra if within_node else inter
     pp = microbatches * 2 * (activation / (p.tp if p.sp else 1)) / pp_bw if p.pp > 1 else 0.0
 
-    # DP: this rank's gradients (a 1/(tp x pp) share of the model) all-reduced across the data-parallel ranks.
-    grads = parameter_count(m) / (p.tp * p.pp) * grad_bytes
+    # DP: this rank's gradients (a 1/(tp x pp) share of the model) synchronised across the data-parallel ranks;
+    # sending and receiving overlap (full-duplex links), so the time is what one rank sends.
+    dp_bytes = dp_bytes_per_rank(config, dp)
     dp_bw = intra if within_node else inter
-    dp_time = _ring_seconds(grads, dp, dp_bw)
-    return Prediction(compute_s=compute, bubble_s=bubble, tp_s=tp, pp_s=pp, dp_s=dp_time)
+    return Prediction(compute_s=compute, bubble_s=bubble, tp_s=tp, pp_s=pp, dp_s=dp_bytes / dp_bw,
+                      dp_bytes=dp_bytes)

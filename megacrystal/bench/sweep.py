@@ -52,12 +52,20 @@ def _value(text: str):
         return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def plan_points(settings_list: list[dict]) -> list[Point]:
+def plan_points(settings_list: list[dict], procs_per_node: int | None = None) -> list[Point]:
+    """The points of a sweep; with `procs_per_node` (--slurm) a point's world size is nodes x procs_per_node."""
     points = []
     for settings in settings_list:
-        if settings.get("nodes", 1) != 1:
+        nodes = settings.get("nodes", 1)
+        if not isinstance(nodes, int) or nodes < 1:
+            raise ConfigError(f"--sweep nodes={nodes}: give whole numbers of nodes, e.g. nodes=1,2,4")
+        if procs_per_node is None and nodes != 1:
             raise ConfigError("--sweep nodes>1 needs SLURM (--slurm); locally every point runs on this machine")
-        world = settings.get("dp", 1) * settings.get("tp", 1) * settings.get("pp", 1)
+        if procs_per_node is not None and "dp" in settings:
+            raise ConfigError("--sweep dp: with --slurm the data-parallel size is what nodes x processes per node "
+                              "leaves after tp x pp; sweep nodes instead")
+        world = nodes * procs_per_node if procs_per_node else \
+            settings.get("dp", 1) * settings.get("tp", 1) * settings.get("pp", 1)
         name = "_".join(f"{k}{v}" for k, v in settings.items())
         points.append(Point(name=name, settings=settings, world_size=world))
     return points

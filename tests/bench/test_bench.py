@@ -62,8 +62,11 @@ def test_scaling_model_for_crystal_7b_by_hand():
     microbatches = 2112 // 16  # per data-parallel rank
     assert got.bubble_s == pytest.approx(got.compute_s * 3 / microbatches)
     per_device_network = 400e9 / 8 / 8  # bytes/s: a node's 400 Gb/s shared by 8 GPUs
-    grads = 6_575_278_720 / 8 * 4  # fp32 gradients of this rank's 1/(tp x pp) share
-    assert got.dp_s == pytest.approx(2 * 15 / 16 * grads / per_device_network)
+    # distributed optimizer: reduce-scatter of this rank's 1/(tp x pp) share of fp32 gradients, then all-gather
+    # of its bf16 parameters; each moves 15/16 of the buffer through every one of the 16 data-parallel ranks
+    share = 6_575_278_720 / 8
+    assert got.dp_bytes == pytest.approx(15 / 16 * share * (4 + 2))
+    assert got.dp_s == pytest.approx(15 / 16 * share * (4 + 2) / per_device_network)
     activation = 2048 * 4096 * 2  # one sequence of bf16 activations
     assert got.tp_s == pytest.approx(microbatches * 8 * 4 * (2 * 1 / 2) * activation / (3600e9 / 8))
     assert got.pp_s == pytest.approx(microbatches * 2 * activation / 2 / per_device_network)

@@ -8,55 +8,33 @@ Skipped, with the reason, where namespaces cannot be made (not root, no iproute2
 network namespaces).
 """
 import os
-import shutil
 import subprocess
 import time
 
 import pytest
 
+from megacrystal.launch.netns import ADDRS, NetnsUnavailable, two_hosts
+
 from .conftest import ROOT, STEPS, kill_tree, latest_checkpoint, losses, steps_done
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 10  # MEGACRYSTAL_DIST_TIMEOUT_S for these runs: how long a collective waits for a lost peer
-ADDRS = ("10.200.0.1", "10.200.0.2")
 
 
-def _ip(*args, check=True) -> subprocess.CompletedProcess:
+def _ip(*args) -> None:
     out = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if check and out.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {out.stderr.strip()}")
-    return out
+    assert out.returncode == 0, f"ip {' '.join(args)}: {out.stderr.strip()}"
 
 
 @pytest.fixture
 def hosts():
-    """Two namespaces and the veth pair between them: yields [(namespace, interface), ...]; removes them after."""
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    if not shutil.which("ip"):
-        pytest.skip("iproute2 (the ip command) is not installed")
-    tag = f"{os.getpid() % 100000}"
-    pairs = [(f"mc{tag}a", f"mcv{tag}a"), (f"mc{tag}b", f"mcv{tag}b")]
-    made = []
+    """Two namespaces and the veth pair between them (megacrystal.launch.netns): yields [(namespace, interface),
+    ...]; removes them after."""
     try:
-        for ns, _ in pairs:
-            out = _ip("netns", "add", ns, check=False)
-            if out.returncode != 0:
-                pytest.skip(f"cannot create a network namespace here: {out.stderr.strip()}")
-            made.append(ns)
-        (ns_a, if_a), (ns_b, if_b) = pairs
-        out = _ip("link", "add", if_a, "netns", ns_a, "type", "veth", "peer", "name", if_b, "netns", ns_b,
-                  check=False)
-        if out.returncode != 0:
-            pytest.skip(f"cannot create a veth pair between namespaces here: {out.stderr.strip()}")
-        for (ns, iface), addr in zip(pairs, ADDRS):
-            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", iface)
-            _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", ns, "link", "set", iface, "up")
-        yield pairs
-    finally:
-        for ns in made:
-            _ip("netns", "del", ns, check=False)  # takes the veth pair with it
+        with two_hosts() as made:
+            yield [(host.namespace, host.interface) for host in made]
+    except NetnsUnavailable as err:
+        pytest.skip(str(err))
 
 
 def _launch(hosts, config, run, rendezvous: str) -> list[subprocess.Popen]:

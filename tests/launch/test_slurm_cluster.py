@@ -2,17 +2,14 @@
 rendered by `megacrystal launch slurm --submit` is told to stop the way SLURM does before a time limit
 (`scancel --batch --signal=USR1`), checkpoints, requeues itself, resumes, and ends with the uninterrupted losses.
 
-The cluster comes from launch/slurm/testcluster.sh, with private ports, state and munge socket, and every daemon
-is stopped by PID when the module ends, whatever happened. .ci/run installs the packages; without them (or
-without root) the test is skipped.
+The cluster comes from tests/conftest.py's `slurm_cluster` (launch/slurm/testcluster.sh, with private ports,
+state and munge socket; every daemon stopped by PID when the module ends, whatever happened). .ci/run installs
+the packages; without them (or without root) the test is skipped.
 """
-import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,56 +18,6 @@ import pytest
 from .conftest import ROOT, STEPS, latest_checkpoint, losses, steps_done
 
 pytestmark = pytest.mark.slow
-TESTCLUSTER = ROOT / "launch" / "slurm" / "testcluster.sh"
-PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue", "sinfo")
-
-
-def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "the SLURM test cluster needs root (slurmd); run as root, as .ci/run does"
-    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
-    missing = [p for p in PROGRAMS if not shutil.which(p, path=path)]
-    if missing:
-        return (f"SLURM is not installed ({', '.join(missing)} missing): apt-get install slurmctld slurmd "
-                "slurm-client munge (.ci/run does)")
-    return None
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """A running two-node cluster; yields the environment that reaches it. Torn down by PID at the end."""
-    reason = _missing()
-    if reason:
-        pytest.skip(reason)
-    env = {**os.environ, "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
-    base = os.environ.get("MEGACRYSTAL_SLURM_BASE") or tempfile.mkdtemp(prefix="megacrystal-slurm-", dir="/tmp")
-    try:
-        up = subprocess.run(["bash", str(TESTCLUSTER), "up", base], capture_output=True, text=True, env=env,
-                            timeout=120)
-        assert up.returncode == 0, f"cluster bring-up failed:\n{up.stderr}"
-        env["SLURM_CONF"] = f"{base}/slurm.conf"
-        yield env
-    finally:
-        down = subprocess.run(["bash", str(TESTCLUSTER), "down", base], capture_output=True, text=True, env=env,
-                              timeout=120)
-        leftovers = _daemons_of(base)
-        if not os.environ.get("MEGACRYSTAL_SLURM_BASE"):
-            shutil.rmtree(base, ignore_errors=True)
-        assert down.returncode == 0 and not leftovers, f"daemons left running: {leftovers}\n{down.stderr}"
-
-
-def _daemons_of(base: str) -> list[str]:
-    """Processes (not zombies) still running with this cluster's config or munge socket on their command line."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if base in cmdline and state != "Z":
-            found.append(f"{pid} {cmdline}")
-    return found
 
 
 def _free_port() -> int:
@@ -92,9 +39,9 @@ def _wait(what: str, predicate, timeout: float, explain) -> None:
 
 
 def test_a_two_node_job_checkpoints_on_usr1_requeues_and_resumes_to_the_same_losses(
-        cluster, synthetic_config, reference_losses, tmp_path):
+        slurm_cluster, synthetic_config, reference_losses, tmp_path):
     run = tmp_path / "run"
-    env = {**cluster, "MEGACRYSTAL_RDZV_PORT": str(_free_port())}
+    env = {**slurm_cluster, "MEGACRYSTAL_RDZV_PORT": str(_free_port())}
     started = time.time()
     submit = subprocess.run(
         [sys.executable, "-m", "megacrystal", "launch", "slurm", "--config", str(synthetic_config),
