@@ -18,6 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config.schema import ModelSection, ParallelSection
 from ..distributed import cpu_compat
+from .attention import CrystalCoreAttention
 from .norm import CrystalLayerNorm
 
 
@@ -67,10 +68,12 @@ def transformer_config(model: ModelSection, parallel: ParallelSection, precision
 
 
 def block_spec(config: TransformerConfig, vp_stage: int | None) -> TransformerBlockSubmodules:
-    """megatron's local layer spec with Crystal's LayerNorm for both per-layer norms and the final norm."""
+    """megatron's local layer spec with Crystal's LayerNorm for both per-layer norms and the final norm, and
+    the causal attention core through PyTorch's fused SDPA."""
     layer = get_gpt_layer_local_spec(normalization="LayerNorm")
     layer.submodules.input_layernorm = CrystalLayerNorm
     layer.submodules.pre_mlp_layernorm = CrystalLayerNorm
+    layer.submodules.self_attention.submodules.core_attention = CrystalCoreAttention
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=CrystalLayerNorm)
 
@@ -84,15 +87,17 @@ class CrystalGPTModel(GPTModel):
         self.output_logits_scale = output_logits_scale
         if self.pre_process:  # the embedding exists on the first pipeline stage only
             self.embedding.register_forward_hook(self._scale_embeddings)
-        if self.post_process:  # scales the vocab-parallel logit shard before the loss, on every TP rank
-            self.output_layer.register_forward_hook(self._scale_logits)
+        if self.post_process:  # logits x scale, on every TP rank's vocab shard
+            self.output_layer.register_forward_pre_hook(self._scale_logits)
 
     def _scale_embeddings(self, module, inputs, output):
         return output * self.embeddings_scale
 
-    def _scale_logits(self, module, inputs, output):
-        logits, bias = output
-        return logits * self.output_logits_scale, bias
+    def _scale_logits(self, module, inputs):
+        # The output layer is linear without bias, so (x * c) W^T = (x W^T) * c: scaling its [s, b, h] input
+        # costs vocab/hidden (here 62x) less than scaling the [s, b, vocab] logits, forward and backward.
+        hidden, *rest = inputs
+        return (hidden * self.output_logits_scale, *rest)
 
 
 def build_model_chunks(model: ModelSection, parallel: ParallelSection, precision: str = "fp32") -> list[CrystalGPTModel]:

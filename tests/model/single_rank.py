@@ -84,6 +84,36 @@ def forward_against_reference() -> dict:
         teardown_parallel()
 
 
+def core_attention_against_megatron() -> dict:
+    """Our SDPA core attention against megatron's unfused DotProductAttention: outputs and input gradients."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megacrystal.model.attention import CrystalCoreAttention
+    from megacrystal.model.crystal import transformer_config
+
+    config = config_from_dict(SMALL)
+    setup_parallel(config)
+    try:
+        tconfig = transformer_config(config.model, config.parallel)
+        gen = torch.Generator().manual_seed(5)
+        s, b, heads, dim = config.model.seq_length, 2, config.model.num_heads, config.model.head_dim
+        inputs = [torch.randn(s, b, heads, dim, generator=gen) for _ in range(3)]
+        results = []
+        for cls in (CrystalCoreAttention, DotProductAttention):
+            module = cls(tconfig, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self",
+                         softmax_scale=tconfig.softmax_scale)
+            q, k, v = (t.clone().requires_grad_() for t in inputs)
+            out = module(q, k, v, None)
+            out.backward(torch.ones_like(out).cumsum(0))  # a gradient that differs across positions
+            results.append((out.detach(), q.grad, k.grad, v.grad))
+        ours, megatron = results
+        return {"shape": tuple(ours[0].shape), "expected": (s, b, heads * dim),
+                "max_diff": max(float((a - r).abs().max() / r.abs().max()) for a, r in zip(ours, megatron))}
+    finally:
+        teardown_parallel()
+
+
 def crystal_7b_on_meta(config_path: str) -> dict:
     """Build the real 7B on the meta device; report per-parameter init std and optimizer groups."""
     from megatron.core.optimizer import OptimizerConfig
@@ -118,4 +148,5 @@ def crystal_7b_on_meta(config_path: str) -> dict:
 
 def model_checks(config_path: str) -> dict:
     """Everything test_crystal.py asserts on, from one process (megatron-core imports once)."""
-    return {"forward": forward_against_reference(), "meta7b": crystal_7b_on_meta(config_path)}
+    return {"forward": forward_against_reference(), "meta7b": crystal_7b_on_meta(config_path),
+            "attention": core_attention_against_megatron()}

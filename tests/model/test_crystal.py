@@ -30,6 +30,12 @@ def test_reference_is_sensitive_to_rotary_layout_and_mup(checks):
     assert checks["forward"]["rel_no_mup"] > 1e-3
 
 
+def test_sdpa_core_attention_equals_megatrons_unfused_attention(checks):
+    attention = checks["attention"]
+    assert attention["shape"] == attention["expected"]
+    assert attention["max_diff"] <= 1e-5, attention
+
+
 def test_7b_parameter_count_and_meta_build(checks):
     params = checks["meta7b"]["params"]
     assert all(p["meta"] for p in params.values())
