@@ -85,6 +85,9 @@ class TrainSection(_Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     threads: Optional[int] = Field(None, ge=1)  # CPU threads per rank; default: cores / local ranks
     peak_tflops_per_device: Optional[float] = Field(None, gt=0)  # for MFU; None: not reported
+    # torch.compile every transformer layer (inductor; compiled graphs are cached on disk by inductor's FX graph
+    # cache, so only the first run on a machine pays the full compile time)
+    compile: bool = False
     # torch.profiler over these steps (1-based, inclusive): <run.dir>/profile/ gets a per-op table and a trace
     profile_steps: Optional[tuple[int, int]] = None
 
@@ -152,6 +155,8 @@ class Config(_Section):
         _require(not p.sp or p.tp > 1, "parallel.sp", "sequence parallelism needs parallel.tp > 1")
         _require(not p.sp or m.seq_length % p.tp == 0, "parallel.sp",
                  f"parallel.tp ({p.tp}) must divide model.seq_length ({m.seq_length})")
+        _require(self.engine != "deepspeed" or not self.train.compile, "train.compile",
+                 "only with engine: megatron; set it false for engine: deepspeed")
         _require(self.engine != "deepspeed" or p.pp == 1, "parallel.pp",
                  "pipeline parallelism is not supported with engine: deepspeed; use engine: megatron or pp=1")
         _require(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",

@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from ..config.schema import ModelSection, ParallelSection
 from ..distributed import cpu_compat
 from .attention import CrystalCoreAttention
+from .cross_entropy import vocab_parallel_cross_entropy
 from .norm import CrystalLayerNorm
 
 
@@ -89,6 +90,12 @@ class CrystalGPTModel(GPTModel):
             self.embedding.register_forward_hook(self._scale_embeddings)
         if self.post_process:  # logits x scale, on every TP rank's vocab shard
             self.output_layer.register_forward_pre_hook(self._scale_logits)
+
+    def compute_language_model_loss(self, labels, logits):
+        """Per-token loss [b, s] through megacrystal's blockwise fp32 cross entropy (model/cross_entropy.py)."""
+        group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(), group)
+        return loss.transpose(0, 1).contiguous()
 
     def _scale_embeddings(self, module, inputs, output):
         return output * self.embeddings_scale

@@ -45,6 +45,7 @@ def test_resolved_config_round_trips(tmp_path):
     (["parallel.vpp=2"], "parallel.vpp: virtual stages need parallel.pp > 1"),
     (["parallel.sp=true"], "parallel.sp: sequence parallelism needs parallel.tp > 1"),
     (["train.profile_steps=[5,2]"], "train.profile_steps: [5, 2] must be [first, last]"),
+    (["engine=deepspeed", "train.compile=true"], "train.compile: only with engine: megatron"),
     (["model.rotary_percent=0.3"], "model.rotary_percent"),
     (["parallel.tp"], "--set 'parallel.tp': expected key=value"),
     (["model.num_layers.x=1"], "--set model.num_layers.x: model.num_layers is a value, not a section"),
