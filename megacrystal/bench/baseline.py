@@ -55,6 +55,26 @@ class PlainCrystal(nn.Module):
         angles = torch.outer(torch.arange(m.seq_length, dtype=torch.float32), inv_freq).repeat_interleave(2, -1)
         self.register_buffer("cos", angles.cos()[None, :, None, :], persistent=False)
         self.register_buffer("sin", angles.sin()[None, :, None, :], persistent=False)
+        self._init_like_crystal()
+
+    @torch.no_grad()
+    def _init_like_crystal(self) -> None:
+        """Crystal's muP init (truncated normals; biases 0, norms 1). PyTorch's default init (N(0, 1) embeddings)
+        would give logits so large that the softmax gradients are denormal floats, and the tied output layer's
+        backward matmuls on them run several times slower on a CPU: not a fair yardstick."""
+        i = self.m.init
+        for name, param in self.named_parameters():
+            if name == "embed.weight":
+                std = i.embedding_std
+            elif name.endswith(("proj.weight", "down.weight")):
+                std = i.output_std
+            elif name.endswith(("qkv.weight", "gate_up.weight")):
+                std = i.hidden_std
+            else:
+                is_norm_weight = name.endswith("weight") and name.split(".")[-2].startswith("ln")
+                param.fill_(1.0 if is_norm_weight else 0.0)
+                continue
+            torch.nn.init.trunc_normal_(param, 0.0, std, -i.truncation * std, i.truncation * std)
 
     def forward(self, tokens, labels):
         x = self.embed(tokens) * self.m.embeddings_scale
@@ -70,6 +90,7 @@ def time_baseline(m: ModelSection, micro_batch_size: int, microbatches: int, ste
     """Median step time (forward, backward, AdamW) of the plain model on random tokens."""
     if threads:
         torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # as the trainer does on a CPU (distributed/runtime.py)
     torch.manual_seed(0)
     model = PlainCrystal(m)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-9, weight_decay=0.1)

@@ -65,13 +65,16 @@ def init_process_group() -> None:
     dist.init_process_group(backend=backend, timeout=dist_timeout())
 
 
-def set_cpu_threads(requested: int | None) -> None:
-    """Split the machine's cores among the ranks on this node unless the config says otherwise."""
+def configure_cpu(requested_threads: int | None) -> None:
+    """Split the machine's cores among the ranks on this node unless the config says otherwise, and flush
+    denormal floats to zero: a matmul over denormals (softmax gradients of confident logits) runs up to 8x slower
+    on x86 CPUs (measured here on the tied output layer's backward); GPUs' matmul units flush them too."""
     if torch.cuda.is_available():
         return
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = requested or max(1, (os.cpu_count() or 1) // local_world)
+    threads = requested_threads or max(1, (os.cpu_count() or 1) // local_world)
     torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
 
 
 def setup_parallel(config: Config) -> Layout:
@@ -95,7 +98,7 @@ def setup_parallel(config: Config) -> Layout:
         distributed_timeout_minutes=timeout.total_seconds() / 60 if timeout else 30,
     )
     model_parallel_cuda_manual_seed(config.train.seed)
-    set_cpu_threads(config.train.threads)
+    configure_cpu(config.train.threads)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return Layout(
         rank=dist.get_rank(), world_size=dist.get_world_size(), tp=p.tp, pp=p.pp,

@@ -35,6 +35,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         target_logit = flat.gather(1, index).squeeze(1).float() * local
         _all_reduce(target_logit, dist.ReduceOp.SUM, group)
         ctx.save_for_backward(logits, index, local, log_sum_exp)
+        ctx.overwrite = not logits.is_leaf  # a caller's leaf tensor is never written to
         return (log_sum_exp - target_logit).view(target.shape)
 
     @staticmethod
@@ -42,7 +43,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         logits, index, local, log_sum_exp = ctx.saved_tensors
         flat = logits.reshape(-1, logits.shape[-1])
         scale = grad_loss.reshape(-1).float()
-        grad = torch.empty_like(flat)
+        # The gradient overwrites the logits block by block: nothing else reads them after the loss (the output
+        # layer's backward needs its input and weight), and a fresh [s, b, vocab] tensor would cost a full pass
+        # of page faults on a CPU.
+        grad = flat if ctx.overwrite else torch.empty_like(flat)
         for block in range(0, flat.shape[0], ROWS_PER_BLOCK):
             part = slice(block, block + ROWS_PER_BLOCK)
             # d loss / d logit = softmax - one_hot(target), times the incoming gradient of the row

@@ -16,8 +16,11 @@ def test_loss_and_gradient_match_torch(dtype, tolerance):
     weight = torch.rand(s, b, generator=gen)  # a different gradient per token (as a loss mask would give)
 
     ours_in = logits.clone().requires_grad_()
-    ours = cross_entropy.vocab_parallel_cross_entropy(ours_in, target)
+    ours = cross_entropy.vocab_parallel_cross_entropy(ours_in * 1, target)  # not a leaf: backward reuses it
     (ours * weight).sum().backward()
+    leaf = logits.clone().requires_grad_()  # a leaf: backward allocates the gradient and leaves it alone
+    (cross_entropy.vocab_parallel_cross_entropy(leaf, target) * weight).sum().backward()
+    assert torch.equal(leaf, logits) and torch.equal(leaf.grad, ours_in.grad)
     ref_in = logits.float().requires_grad_()
     ref = F.cross_entropy(ref_in.view(-1, vocab), target.view(-1), reduction="none").view(s, b)
     (ref * weight).sum().backward()
