@@ -15,6 +15,10 @@ def register(subparsers) -> None:
     bench.add_argument("--steps", type=int, default=20, help="steps per point (default 20)")
     bench.add_argument("--warmup", type=int, default=5, help="first steps not timed (default 5)")
     bench.add_argument("--out", help="report directory (with --sweep)")
+    bench.add_argument("--data", choices=("synthetic", "config"), default="synthetic",
+                       help="what the points train on: the synthetic stream (default; no files, no phases) or the "
+                            "config's own indexed datasets (one phase with the blend and FIM rate of its widest "
+                            "phase; run `megacrystal prepare` first) to measure data loading")
     bench.add_argument("--no-baseline", action="store_true",
                        help="skip the plain-PyTorch eager baseline measured beside the 1-process points")
     predict = bench.add_argument_group("prediction (--predict): the analytical step-time model for a cluster")
@@ -93,6 +97,7 @@ def run(args) -> int:
     points = sweep.plan_points(sweep.parse_sweep(args.sweep), slurm.procs_per_node(args))
     # Points run on the synthetic stream (no data files, no phase boundaries) at the first phase's peak LR.
     lr = config.optim.lr or next(iter(config.data.phases.values())).lr.peak
+    phase = sweep.data_phase(config, args.steps, lr) if args.data == "config" else None
     out = Path(args.out)
     cpu_peaks: dict[int, float] = {}
 
@@ -109,14 +114,14 @@ def run(args) -> int:
             cpu_peaks[key] = peaks.measure_cpu_peak_tflops(precision, threads)
         return cpu_peaks[key]
 
-    jobs = slurm.plan_jobs(args, points, lr, out) if args.slurm else []  # all checked before any is submitted
+    jobs = slurm.plan_jobs(args, points, lr, out, phase) if args.slurm else []  # all checked before any is submitted
     if jobs:
         slurm.run_jobs(jobs, slurm.command_line())
     measured = []
     for i, point in enumerate(points, 1):
         print(f"[{i}/{len(points)}] {point.name}: {point.world_size} rank(s), {args.steps} steps", flush=True)
         run_dir = jobs[i - 1].run_dir if jobs else sweep.run_point(
-            args.config, sum((["--set", o] for o in args.overrides), []), point, args.steps, lr, out)
+            args.config, sum((["--set", o] for o in args.overrides), []), point, args.steps, lr, out, phase)
         point.measured = sweep.measure(run_dir, args.warmup)
         print(f"    {point.measured['tokens_per_s']:,.0f} tokens/s, step {point.measured['step_time_s']:.3f} s",
               flush=True)
@@ -126,6 +131,7 @@ def run(args) -> int:
     baselines = {} if args.no_baseline or jobs else _baselines(config, rows, args)
     env = report.environment({f"{t} threads {p}": v for (t, p), v in cpu_peaks.items()} or "device table")
     meta = {"config": args.config, "sweep": args.sweep, "steps": args.steps, "warmup": args.warmup,
+            "data": {"bench": phase} if phase else "synthetic",
             "flops_per_token": flops_per_token(config.model), "command": " ".join(sys.argv)}
     if jobs:
         meta["slurm"] = slurm.meta(args, jobs)

@@ -46,6 +46,30 @@ def summarize(points: list[dict], flops_per_token: float, peak_for) -> list[dict
     return rows
 
 
+def _describe_data(data) -> str:
+    if data == "synthetic":
+        return "the synthetic token stream (no files, no phases)"
+    phase = data["bench"]
+    return (f"the config's indexed datasets, blend {phase['weights']}, FIM rate {phase['fim_rate']} "
+            f"(`--data config`)")
+
+
+def _precision_lines(rows: list[dict]) -> list[str]:
+    """bf16 against fp32 for points that differ only in precision: speed-up and the loss after the last step."""
+    lines = []
+    for bf16 in (r for r in rows if r["settings"].get("precision") == "bf16"):
+        twin = {**bf16["settings"], "precision": "fp32"}
+        for fp32 in (r for r in rows if r["settings"] == twin):
+            speedup = bf16["tokens_per_s"] / fp32["tokens_per_s"]
+            loss32, loss16 = fp32["measured"]["loss_last"], bf16["measured"]["loss_last"]
+            lines.append(f"| {bf16['name']} / {fp32['name']} | {speedup:.2f}x | {loss16:.4f} / {loss32:.4f} "
+                         f"({100 * (loss16 / loss32 - 1):+.2f}%) |")
+    if not lines:
+        return []
+    return ["", "bf16 against fp32 (tokens/s ratio; loss after the last step):", "",
+            "| points | bf16 / fp32 tokens/s | loss bf16 / fp32 |", "|---|---|---|", *lines]
+
+
 def write_report(out: Path, rows: list[dict], env: dict, meta: dict) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps({"environment": env, **meta, "points": rows}, indent=1))
@@ -53,7 +77,7 @@ def write_report(out: Path, rows: list[dict], env: dict, meta: dict) -> list[Pat
              f"Device: {env['device']} ({env['cores']} cores); torch {env['torch']}; network: {env['network']}.",
              f"FLOPs per token: {meta['flops_per_token']:.4g} (6N matmuls + tied head once + 12 L h S attention). "
              f"Steps: {meta['steps']} per point, the first {meta['warmup']} not timed; step time is the median "
-             f"(p10-p90 shown).", "",
+             f"(p10-p90 shown).", "", f"Data: {_describe_data(meta.get('data', 'synthetic'))}.", "",
              "| point | devices | step s (p10-p90) | tokens/s | tokens/s/device | TFLOP/s/device | peak | MFU | "
              "scaling eff. | peak mem MB | data+log |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -68,6 +92,7 @@ def write_report(out: Path, rows: list[dict], env: dict, meta: dict) -> list[Pat
               "point). MFU uses dense peaks; on a CPU the peak is a measured matmul rate at the point's threads "
               "per rank; 'oversubscribed' marks points with more ranks than cores, whose numbers say little. "
               "data+log: median data loading plus metrics/progress writing as a share of a step."]
+    lines += _precision_lines(rows)
     if meta.get("baselines"):
         lines += ["", "Plain-PyTorch eager baseline (the same model math, `bench/baseline.py`), one process:", "",
                   "| baseline | step s | tokens/s | our 1-process point | ours / baseline step time |",

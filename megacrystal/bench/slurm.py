@@ -85,13 +85,13 @@ def _device_names() -> list[str]:
     return list(DEVICE_PEAKS_TFLOPS)
 
 
-def plan_jobs(args, points: list[Point], lr: float, out: Path) -> list[PointJob]:
+def plan_jobs(args, points: list[Point], lr: float, out: Path, phase: dict | None = None) -> list[PointJob]:
     """Every point's job, validated (config, layout, SLURM values) before anything is written or submitted."""
     per_node = procs_per_node(args)
     jobs = []
     for point in points:
         run_dir = (out / "points" / point.name).resolve()
-        overrides = [*args.overrides, *overrides_for(point, args.steps, lr)[1::2],  # drop the "--set" words
+        overrides = [*args.overrides, *overrides_for(point, args.steps, lr, phase)[1::2],  # drop the "--set" words
                      f"run.dir={run_dir}", f"checkpoint.dir={run_dir}/checkpoints"]
         nodes = point.settings.get("nodes", 1)
         _check_layout(args.config, overrides, point, nodes, per_node)

@@ -71,22 +71,38 @@ def plan_points(settings_list: list[dict], procs_per_node: int | None = None) ->
     return points
 
 
-def overrides_for(point: Point, steps: int, lr: float) -> list[str]:
-    """--set arguments of a point: its layout on the synthetic stream, for `steps` steps at `lr`, saving nothing
-    but the final checkpoint (after the timed steps)."""
+def data_phase(config, steps: int, lr: float) -> dict:
+    """One phase of exactly `steps` steps on the config's own datasets (`bench --data config`): the blend and FIM
+    rate of its phase with the most datasets (the costliest data path), at a constant `lr`."""
+    if config.data.source != "indexed" or not config.data.phases:
+        raise ConfigError("--data config: the config has no indexed datasets and phases to read; use --data "
+                          "synthetic or a config with data.source: indexed")
+    widest = max(config.data.phases.values(), key=lambda phase: len(phase.weights))
+    tokens = steps * config.train.global_batch_size * config.model.seq_length
+    return {"tokens": tokens, "weights": widest.weights, "fim_rate": widest.fim_rate,
+            "lr": {"peak": lr, "warmup_steps": 0, "end": lr}}
+
+
+def overrides_for(point: Point, steps: int, lr: float, phase: dict | None = None) -> list[str]:
+    """--set arguments of a point: its layout for `steps` steps at `lr` on the synthetic stream (or, given a
+    `data_phase`, on the config's datasets), saving nothing but the final checkpoint (after the timed steps)."""
     sets = [f"{_KEYS[k]}={v}" for k, v in point.settings.items() if _KEYS.get(k)]
-    sets += ["data.source=synthetic", "data.phases={}", f"train.steps={steps}", f"optim.lr={lr}",
-             "checkpoint.interval=null",
-             "checkpoint.phase_end=false", "train.log_interval=1000000"]
+    if phase:
+        sets += [f"data.phases={json.dumps({'bench': phase})}", "data.eval_interval=null"]
+    else:
+        sets += ["data.source=synthetic", "data.phases={}", f"train.steps={steps}"]
+    sets += [f"optim.lr={lr}", "checkpoint.interval=null", "checkpoint.phase_end=false",
+             "train.log_interval=1000000"]
     return [a for s in sets for a in ("--set", s)]
 
 
-def run_point(config_path: str, base_overrides: list[str], point: Point, steps: int, lr: float, out: Path) -> Path:
+def run_point(config_path: str, base_overrides: list[str], point: Point, steps: int, lr: float, out: Path,
+              phase: dict | None = None) -> Path:
     """Run one point with torchrun (or one process); return its run directory."""
     run_dir = out / "points" / point.name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(point.world_size),
            "-m", "megacrystal", "train"] if point.world_size > 1 else [sys.executable, "-m", "megacrystal", "train"]
-    cmd += ["--config", config_path, "--resume", "none", *base_overrides, *overrides_for(point, steps, lr),
+    cmd += ["--config", config_path, "--resume", "none", *base_overrides, *overrides_for(point, steps, lr, phase),
             "--set", f"run.dir={run_dir}", "--set", f"checkpoint.dir={run_dir}/checkpoints"]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // point.world_size))}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -69,6 +69,11 @@ class ParallelSection(_Section):
     vpp: Optional[int] = Field(None, ge=2)  # virtual stages per pipeline rank (interleaved 1F1B)
     sp: bool = False  # sequence parallelism (needs tp > 1)
     distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks
+    # Start each gradient bucket's data-parallel all-reduce (reduce-scatter) as soon as backward has filled it,
+    # overlapping communication with the rest of backward; buckets of grad_bucket_size parameters (None:
+    # megatron's default, max(40M, 1M x dp), which gives a small model a single bucket and nothing to overlap).
+    overlap_grad_reduce: bool = False
+    grad_bucket_size: Optional[int] = Field(None, gt=0)
 
 
 class DeepSpeedSection(_Section):

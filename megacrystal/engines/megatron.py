@@ -35,7 +35,8 @@ class MegatronEngine:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             use_distributed_optimizer=config.parallel.distributed_optimizer,
-            overlap_grad_reduce=False,
+            overlap_grad_reduce=config.parallel.overlap_grad_reduce,
+            bucket_size=config.parallel.grad_bucket_size,
             average_in_collective=False,  # required with per-token loss: grads are summed, then / tokens
         )
         self.model = [

@@ -72,3 +72,31 @@ def test_scaling_model_for_crystal_7b_by_hand():
     assert got.pp_s == pytest.approx(microbatches * 2 * activation / 2 / per_device_network)
     faster = predict(config, Cluster(16, 8, 989.0, 3600, 3200))
     assert faster.dp_s < got.dp_s and faster.compute_s == got.compute_s
+
+
+def test_data_config_needs_indexed_datasets(synthetic_config):
+    from megacrystal.bench.sweep import data_phase
+    from megacrystal.config import load_config
+
+    with pytest.raises(ConfigError, match="--data config: the config has no indexed datasets"):
+        data_phase(load_config(synthetic_config), 10, 1e-3)
+
+
+@pytest.mark.slow
+def test_points_on_the_configs_own_datasets_and_bf16_against_fp32(tiny_data, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "megacrystal", "bench", "--config", str(ROOT / "configs" /
+                          "crystal-tiny.yaml"), *tiny_data, "--set", "train.threads=1", "--data", "config",
+                          "--sweep", "precision=fp32,bf16", "--steps", "6", "--warmup", "2", "--no-baseline",
+                          "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    mixed = {"prose": 0.5, "python": 0.3, "web": 0.2}  # the tiny config's widest phase, with FIM 0.9
+    assert report["data"]["bench"]["weights"] == mixed and report["data"]["bench"]["fim_rate"] == 0.9
+    for point in report["points"]:
+        records = [json.loads(line) for line in
+                   (tmp_path / "points" / point["name"] / "metrics.jsonl").read_text().splitlines()]
+        assert [r["phase"] for r in records] == ["bench"] * 6
+        assert set().union(*(r["samples"] for r in records)) == set(mixed)  # read from every dataset
+        assert 0 < point["measured"]["data_and_log_share"] < 1
+    md = (tmp_path / "report.md").read_text()
+    assert "Data: the config's indexed datasets" in md and "| precisionbf16 / precisionfp32 |" in md

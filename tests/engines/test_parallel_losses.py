@@ -1,4 +1,5 @@
-"""TP, PP (1F1B and interleaved), SP and DP (with the distributed optimizer) reproduce the 1-process losses."""
+"""TP, PP (1F1B and interleaved), SP and DP (with the distributed optimizer, and with the gradient all-reduce
+overlapping backward) reproduce the 1-process losses."""
 import pytest
 import torch
 
@@ -14,10 +15,14 @@ ON_2_RANKS = {
     "tp2_sp": {"parallel.tp": 2, "parallel.sp": True},
     "dp2_distopt": {"parallel.distributed_optimizer": True},
     "pp2_vpp2": {"parallel.pp": 2, "parallel.vpp": 2},
+    # small buckets, so several all-reduces start during backward
+    "dp2_overlap": {"parallel.overlap_grad_reduce": True, "parallel.grad_bucket_size": 4000},
 }
 ON_4_RANKS = {
     "tp2_pp2": {"parallel.tp": 2, "parallel.pp": 2},
     "tp2_sp_dp2_distopt": {"parallel.tp": 2, "parallel.sp": True, "parallel.distributed_optimizer": True},
+    "pp2_dp2_overlap_distopt": {"parallel.pp": 2, "parallel.overlap_grad_reduce": True,
+                                "parallel.grad_bucket_size": 4000, "parallel.distributed_optimizer": True},
 }
 
 
