@@ -21,10 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
-
 from ..config import ConfigError
 from ..launch import netns
+from ..launch.processes import kill_tree
 from . import sweep
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -199,7 +198,7 @@ def _run_ranks(commands: list[list[str]], run_dir: Path, steps: int, warmup: int
             time.sleep(0.02)
     finally:
         for proc in procs:
-            _kill_tree(proc)
+            kill_tree(proc)
     for proc, log in zip(procs, logs):
         if proc.returncode != 0:
             lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
@@ -221,24 +220,6 @@ def _steps_done(run_dir: Path) -> int:
         return path.read_text().count("\n")
     except OSError:
         return 0
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """End a launcher we started and everything under it, by PID (torchrun starts its trainers in new sessions)."""
-    if proc.poll() is None:  # (trainers orphaned by a launcher that died go with the namespace: netns._remove)
-        try:
-            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            tree = []
-        for process in tree:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def markdown(data: dict) -> str:

@@ -79,7 +79,7 @@ def write_report(out: Path, rows: list[dict], env: dict, meta: dict) -> list[Pat
              f"Steps: {meta['steps']} per point, the first {meta['warmup']} not timed; step time is the median "
              f"(p10-p90 shown).", "", f"Data: {_describe_data(meta.get('data', 'synthetic'))}.", "",
              "| point | devices | step s (p10-p90) | tokens/s | tokens/s/device | TFLOP/s/device | peak | MFU | "
-             "scaling eff. | peak mem MB | data+log |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "scaling eff. | peak mem MB | data+log | first step s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["measured"]
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
@@ -87,11 +87,13 @@ def write_report(out: Path, rows: list[dict], env: dict, meta: dict) -> list[Pat
         lines.append(f"| {r['name']}{' (oversubscribed)' if r['oversubscribed'] else ''} | {r['world_size']} | {m['step_time_s']:.3f} ({m['step_time_p10_s']:.3f}-"
                      f"{m['step_time_p90_s']:.3f}) | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_device']:,.0f} | "
                      f"{r['tflops_per_device']:.4f} | {peak} | {mfu} | {r['scaling_efficiency']:.2f} | "
-                     f"{m['memory_mb'] or 0:,.0f} | {100 * m.get('data_and_log_share', 0.0):.1f}% |")
+                     f"{m['memory_mb'] or 0:,.0f} | {100 * m.get('data_and_log_share', 0.0):.1f}% | "
+                     f"{m.get('first_step_s', float('nan')):.1f} |")
     lines += ["", f"Scaling efficiency = (tokens/s per device) / (that of {rows[0]['baseline_point']}, the smallest "
               "point). MFU uses dense peaks; on a CPU the peak is a measured matmul rate at the point's threads "
               "per rank; 'oversubscribed' marks points with more ranks than cores, whose numbers say little. "
-              "data+log: median data loading plus metrics/progress writing as a share of a step."]
+              "data+log: median data loading plus metrics/progress writing as a share of a step. first step: "
+              "warm-up, including torch.compile's compile time (or its on-disk cache load) for compile=true points."]
     lines += _precision_lines(rows)
     if meta.get("baselines"):
         lines += ["", "Plain-PyTorch eager baseline (the same model math, `bench/baseline.py`), one process:", "",

@@ -17,7 +17,7 @@ _KEYS = {
     "nodes": None, "dp": None,
     "tp": "parallel.tp", "pp": "parallel.pp", "vpp": "parallel.vpp", "sp": "parallel.sp",
     "mbs": "train.micro_batch_size", "precision": "train.precision", "engine": "engine",
-    "zero": "deepspeed.zero_stage", "threads": "train.threads",
+    "zero": "deepspeed.zero_stage", "threads": "train.threads", "compile": "train.compile",
 }
 
 
@@ -123,6 +123,7 @@ def measure(run_dir: Path, warmup: int) -> dict:
     median = statistics.median(times)
     return {
         "steps_timed": len(timed),
+        "first_step_s": records[0]["step_time_s"],  # includes torch.compile's compile (or cache load) time
         "step_time_s": median,
         "step_time_p10_s": times[len(times) // 10],
         "step_time_p90_s": times[min(len(times) - 1, (9 * len(times)) // 10)],

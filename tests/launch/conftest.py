@@ -1,9 +1,8 @@
-"""What the multi-node tests share: the uninterrupted single-host run they must reproduce, and process cleanup."""
+"""What the multi-node tests share: the uninterrupted single-host run they must reproduce."""
 import json
 import subprocess
 from pathlib import Path
 
-import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,23 +23,6 @@ def steps_done(run_dir: Path) -> int:
 
 def latest_checkpoint(run_dir: Path) -> int:
     return int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """Kill a launcher and everything under it, by PID (torchrun puts its trainers in sessions of their own)."""
-    try:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    for process in tree:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,9 @@ import time
 import pytest
 
 from megacrystal.launch.netns import ADDRS, NetnsUnavailable, two_hosts
+from megacrystal.launch.processes import kill_tree
 
-from .conftest import ROOT, STEPS, kill_tree, latest_checkpoint, losses, steps_done
+from .conftest import ROOT, STEPS, latest_checkpoint, losses, steps_done
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 10  # MEGACRYSTAL_DIST_TIMEOUT_S for these runs: how long a collective waits for a lost peer

@@ -9,7 +9,9 @@ import time
 import psutil
 import pytest
 
-from .conftest import ROOT, STEPS, kill_tree, latest_checkpoint, steps_done
+from megacrystal.launch.processes import kill_tree
+
+from .conftest import ROOT, STEPS, latest_checkpoint, steps_done
 
 
 @pytest.mark.parametrize("args, message", [
