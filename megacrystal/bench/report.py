@@ -29,7 +29,7 @@ def environment(peaks: dict) -> dict:
 
 def summarize(points: list[dict], flops_per_token: float, peak_for) -> list[dict]:
     """Add tokens/s per device, TFLOP/s per device, MFU and scaling efficiency to each point's measurements."""
-    base = min(points, key=lambda p: (p["world_size"], p["name"]))
+    base = min(points, key=lambda p: p["world_size"])  # the first of the smallest points, in sweep order
     base_rate = base["measured"]["tokens_per_s"] / base["world_size"]
     rows = []
     for p in points:
