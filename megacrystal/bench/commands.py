@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 
@@ -116,7 +115,7 @@ def run(args) -> int:
 
     jobs = slurm.plan_jobs(args, points, lr, out, phase) if args.slurm else []  # all checked before any is submitted
     if jobs:
-        slurm.run_jobs(jobs, slurm.command_line())
+        slurm.run_jobs(jobs, report.command_line())
     measured = []
     for i, point in enumerate(points, 1):
         print(f"[{i}/{len(points)}] {point.name}: {point.world_size} rank(s), {args.steps} steps", flush=True)
@@ -132,7 +131,7 @@ def run(args) -> int:
     env = report.environment({f"{t} threads {p}": v for (t, p), v in cpu_peaks.items()} or "device table")
     meta = {"config": args.config, "sweep": args.sweep, "steps": args.steps, "warmup": args.warmup,
             "data": {"bench": phase} if phase else "synthetic",
-            "flops_per_token": flops_per_token(config.model), "command": " ".join(sys.argv)}
+            "flops_per_token": flops_per_token(config.model), "command": report.command_line()}
     if jobs:
         meta["slurm"] = slurm.meta(args, jobs)
         env["network"] = "SLURM: ranks on different nodes talk over the cluster's network"

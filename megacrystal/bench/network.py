@@ -100,7 +100,7 @@ def run(args, config) -> int:
                   f"(model {predicted['wire_bytes'] / 1e6:.3f})", flush=True)
             rows.append({"mbit": mbit, "predicted": predicted, "measured": measured, "error": error})
     data = {
-        "config": args.config, "command": " ".join(sys.argv), "steps": args.steps, "warmup": args.warmup,
+        "config": args.config, "command": report.command_line(), "steps": args.steps, "warmup": args.warmup,
         "precision": config.train.precision, "tolerance": TOLERANCE,
         "tbf": {"burst_bytes": netns.TBF_BURST_BYTES, "queue_ms": netns.TBF_LATENCY_MS},
         "tcp_payload_fraction": payload_fraction,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +27,11 @@ def environment(peaks: dict) -> dict:
         "peak_tflops_per_device": peaks,
         "network": "one host: ranks talk over loopback (gloo)" if not torch.cuda.is_available() else "one host",
     }
+
+
+def command_line() -> str:
+    """The bench command as the user would type it (argv[0] is a machine-specific script path)."""
+    return shlex.join(["megacrystal", *sys.argv[1:]])
 
 
 def summarize(points: list[dict], flops_per_token: float, peak_for) -> list[dict]:

@@ -3,7 +3,6 @@ slurm`, submitted together and waited for; the caller measures the points from t
 from __future__ import annotations
 
 import math
-import shlex
 import shutil
 import subprocess
 import sys
@@ -253,6 +252,3 @@ def meta(args, jobs: list[PointJob]) -> dict:
             "note": "each point ran as one SLURM job (script: `megacrystal launch slurm`'s); the environment "
                     "describes the host that ran the bench, not necessarily the nodes"}
 
-
-def command_line() -> str:
-    return " ".join(shlex.quote(word) for word in ["megacrystal", *sys.argv[1:]])

@@ -73,6 +73,17 @@ def _t(x: torch.Tensor) -> torch.Tensor:
     return x.t().contiguous()
 
 
+_GLOBAL_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def _global_layer_parts(name: str) -> tuple[int, str, str]:
+    """'decoder.layers.3.mlp.linear_fc1.bias' -> (3, 'mlp.linear_fc1', 'bias'); KeyError for anything else."""
+    match = _GLOBAL_LAYER.fullmatch(name)
+    if match is None:
+        raise KeyError(f"not a megacrystal parameter: {name}")
+    return int(match.group(1)), match.group(2), match.group(3)
+
+
 def _split(name: str, pattern: re.Pattern) -> tuple[int, str] | None:
     match = pattern.fullmatch(name)
     return (int(match.group(1)), match.group(2)) if match else None
@@ -131,10 +142,7 @@ def global_from_cs(name: str, get: Getter, num_heads: int) -> torch.Tensor:
         return get("embedding_layer.word_embeddings.weight")
     if name.startswith(FINAL_NORM + "."):
         return get(f"transformer_decoder.norm.{name.rsplit('.', 1)[1]}")
-    match = re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
-    if match is None:
-        raise KeyError(f"not a megacrystal parameter: {name}")
-    i, module, param = int(match.group(1)), match.group(2), match.group(3)
+    i, module, param = _global_layer_parts(name)
     prefix = f"transformer_decoder.layers.{i}."
     for cs, mine in _CS_FROM_GLOBAL_SIMPLE.items():
         if module == mine:
@@ -197,10 +205,7 @@ def global_from_hf(name: str, get: Getter, num_heads: int) -> torch.Tensor:
         return get("transformer.wte.weight")
     if name.startswith(FINAL_NORM + "."):
         return get(f"transformer.ln_f.{name.rsplit('.', 1)[1]}")
-    match = re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
-    if match is None:
-        raise KeyError(f"not a megacrystal parameter: {name}")
-    i, module, param = int(match.group(1)), match.group(2), match.group(3)
+    i, module, param = _global_layer_parts(name)
     prefix = f"transformer.h.{i}."
 
     def linear(hf_module: str) -> torch.Tensor:

@@ -26,14 +26,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         for block in range(0, flat.shape[0], ROWS_PER_BLOCK):
             part = slice(block, block + ROWS_PER_BLOCK)
             log_sum_exp[part] = torch.logsumexp(flat[part].float(), dim=1)
-        if group is not None and dist.get_world_size(group) > 1:
+        if group is not None:
             top = log_sum_exp.clone()
             dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
             sum_exp = (log_sum_exp - top).exp_()
             dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=group)
             log_sum_exp = top + sum_exp.log_()
         target_logit = flat.gather(1, index).squeeze(1).float() * local
-        _all_reduce(target_logit, dist.ReduceOp.SUM, group)
+        if group is not None:
+            dist.all_reduce(target_logit, op=dist.ReduceOp.SUM, group=group)
         ctx.save_for_backward(logits, index, local, log_sum_exp)
         ctx.overwrite = not logits.is_leaf  # a caller's leaf tensor is never written to
         return (log_sum_exp - target_logit).view(target.shape)
@@ -56,12 +57,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.view_as(logits), None, None, None
 
 
-def _all_reduce(tensor: torch.Tensor, op, group) -> None:
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, op=op, group=group)
-
-
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group=None) -> torch.Tensor:
-    """Per-token loss [s, b] (fp32) of logits [s, b, vocab / tp] whose shard starts at tp_rank x vocab / tp."""
-    rank = dist.get_rank(group) if group is not None and dist.get_world_size(group) > 1 else 0
+    """Per-token loss [s, b] (fp32) of logits [s, b, vocab / tp] whose shard starts at tp_rank x vocab / tp;
+    `group` is the tensor-parallel group (None or a group of one: the whole vocabulary is here)."""
+    if group is not None and dist.get_world_size(group) == 1:
+        group = None
+    rank = dist.get_rank(group) if group is not None else 0
     return _VocabParallelCrossEntropy.apply(logits, target, group, rank * logits.shape[-1])

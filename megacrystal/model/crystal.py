@@ -93,8 +93,8 @@ class CrystalGPTModel(GPTModel):
 
     def compute_language_model_loss(self, labels, logits):
         """Per-token loss [b, s] through megacrystal's blockwise fp32 cross entropy (model/cross_entropy.py)."""
-        group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(), group)
+        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(),
+                                            ps.get_tensor_model_parallel_group())
         return loss.transpose(0, 1).contiguous()
 
     def _scale_embeddings(self, module, inputs, output):

@@ -39,6 +39,7 @@ def test_two_point_sweep_writes_report_and_plots(synthetic_config, tmp_path):
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert [p["name"] for p in report["points"]] == ["dp1", "dp2"]
+    assert report["command"].startswith("megacrystal bench --config ")  # no machine-specific script path
     for point in report["points"]:
         assert point["tokens_per_s"] > 0 and 0 < point["mfu"] < 1 and point["measured"]["steps_timed"] == 5
         assert 0 < point["measured"]["data_and_log_share"] < 1

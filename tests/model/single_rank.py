@@ -52,7 +52,10 @@ def forward_against_reference() -> dict:
 
     config = config_from_dict(SMALL)
     m = config.model
+    denormal = torch.tensor([1e-39])  # below fp32's smallest normal number
+    kept_before = bool(denormal * 1.0 != 0)
     setup_parallel(config)
+    flushed_after = bool(denormal * 1.0 == 0)
     try:
         (model,) = build_model_chunks(m, config.parallel)
         init_crystal_weights([model], m, seed=3)
@@ -79,7 +82,8 @@ def forward_against_reference() -> dict:
             return float((a - b).abs().max() / b.abs().max())
 
         return {"rel": rel(ours, ref), "rel_rotate_half": rel(rotate_half, ref), "rel_no_mup": rel(no_mup, ref),
-                "shape": tuple(ours.shape), "rotary_dim": m.rotary_dim, "head_dim": m.head_dim}
+                "shape": tuple(ours.shape), "rotary_dim": m.rotary_dim, "head_dim": m.head_dim,
+                "denormals": {"kept_before_setup": kept_before, "flushed_after_setup": flushed_after}}
     finally:
         teardown_parallel()
 

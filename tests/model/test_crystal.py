@@ -30,6 +30,10 @@ def test_reference_is_sensitive_to_rotary_layout_and_mup(checks):
     assert checks["forward"]["rel_no_mup"] > 1e-3
 
 
+def test_cpu_runtime_flushes_denormals(checks):
+    assert checks["forward"]["denormals"] == {"kept_before_setup": True, "flushed_after_setup": True}
+
+
 def test_sdpa_core_attention_equals_megatrons_unfused_attention(checks):
     attention = checks["attention"]
     assert attention["shape"] == attention["expected"]
