@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -75,8 +76,24 @@ def block_spec(config: TransformerConfig, vp_stage: int | None) -> TransformerBl
     layer.submodules.input_layernorm = CrystalLayerNorm
     layer.submodules.pre_mlp_layernorm = CrystalLayerNorm
     layer.submodules.self_attention.submodules.core_attention = CrystalCoreAttention
+    layer.submodules.self_attention.submodules.linear_proj = CrystalRowParallelLinear
+    layer.submodules.mlp.submodules.linear_fc2 = CrystalRowParallelLinear
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=CrystalLayerNorm)
+
+
+class CrystalRowParallelLinear(RowParallelLinear):
+    """megatron's RowParallelLinear, handing its own TP group to the linear autograd function.
+
+    Upstream (megatron-core 0.16) forward passes `tp_group=None` there, which makes
+    get_tensor_model_parallel_group_if_none call warnings.warn on rank 0 in every forward: a graph break that
+    splits each torch.compile'd layer in three. Its matmul does no communication either way.
+    """
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if kwargs.get("tp_group", self.tp_group) is None:
+            kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
 
 
 class CrystalGPTModel(GPTModel):
