@@ -25,10 +25,9 @@ class MegatronEngine:
         self.config, self.layout = config, layout
         chunks = build_model_chunks(config.model, config.parallel, config.train.precision)
         init_crystal_weights(chunks, config.model, config.train.seed)
-        if config.train.compile:  # the layers only: the embedding, output layer and loss stay eager
+        if config.train.compile:
             for chunk in chunks:
-                for layer in chunk.decoder.layers:
-                    layer.compile()
+                chunk.compile_layers_and_loss()
         if layout.device.type == "cuda":  # built on the CPU (layout-independent init), trained on the GPU
             chunks = [chunk.cuda(layout.device) for chunk in chunks]
         self.tconfig = chunks[0].config

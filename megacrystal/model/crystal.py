@@ -103,15 +103,23 @@ class CrystalGPTModel(GPTModel):
         super().__init__(*args, **kwargs)
         self.embeddings_scale = embeddings_scale
         self.output_logits_scale = output_logits_scale
+        self.compiled = False
         if self.pre_process:  # the embedding exists on the first pipeline stage only
             self.embedding.register_forward_hook(self._scale_embeddings)
         if self.post_process:  # logits x scale, on every TP rank's vocab shard
             self.output_layer.register_forward_pre_hook(self._scale_logits)
 
+    def compile_layers_and_loss(self) -> None:
+        """torch.compile (inductor) for every transformer layer and the loss gradient (train.compile); the
+        embedding and output layer stay eager: their matmuls are single library calls either way."""
+        for layer in self.decoder.layers:
+            layer.compile()
+        self.compiled = True
+
     def compute_language_model_loss(self, labels, logits):
         """Per-token loss [b, s] through megacrystal's blockwise fp32 cross entropy (model/cross_entropy.py)."""
         loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(),
-                                            ps.get_tensor_model_parallel_group())
+                                            ps.get_tensor_model_parallel_group(), compiled=self.compiled)
         return loss.transpose(0, 1).contiguous()
 
     def _scale_embeddings(self, module, inputs, output):
