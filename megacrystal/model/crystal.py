@@ -113,6 +113,7 @@ class CrystalGPTModel(GPTModel):
         """torch.compile (inductor) for every transformer layer and the loss gradient (train.compile); the
         embedding and output layer stay eager: their matmuls are single library calls either way."""
         for layer in self.decoder.layers:
+            layer.self_attention.core_attention.compiled_backward = True
             layer.compile()
         self.compiled = True
 
