@@ -46,7 +46,21 @@ def probe() -> dict:
         "cuda_factory": _attempt(lambda: torch.zeros(1, device="cuda")),
         "cuda_current_device": _attempt(torch.cuda.current_device),
     }
-    return {"before": before, "after": after, "active": active, "outside": outside, "bf16": _bf16_steps()}
+    return {"before": before, "after": after, "active": active, "outside": outside, "bf16": _bf16_steps(),
+            "grad_norm": _grad_norm()}
+
+
+def _grad_norm() -> dict:
+    """megatron's gradient norm (through the patched l2 norm) against the float64 norm of all gradients."""
+    from megatron.core.optimizer import clip_grads
+
+    from megacrystal.distributed import cpu_compat
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=gen) * scale for n, scale in ((1000, 1.0), (37, 10.0), (4096, 0.01))]
+    exact = torch.cat([g.double() for g in grads]).norm().item()
+    return {"patched": clip_grads.l2_norm_impl is cpu_compat.l2_norm_by_dot_products,
+            "megatron": clip_grads.get_grad_norm_fp32(grads), "exact": exact}
 
 
 def _bf16_steps() -> list[float]:

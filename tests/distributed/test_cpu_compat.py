@@ -34,3 +34,9 @@ def test_bf16_training_runs_on_cpu(result):
     losses = result["bf16"]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     assert losses[0] == pytest.approx(math.log(128), rel=0.05)  # near-uniform logits at init
+
+
+def test_grad_norm_by_dot_products_is_megatrons_and_exact(result):
+    norm = result["grad_norm"]
+    assert norm["patched"]
+    assert norm["megatron"] == pytest.approx(norm["exact"], rel=1e-6)
