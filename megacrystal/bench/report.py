@@ -62,11 +62,13 @@ def _describe_data(data) -> str:
 
 
 def _precision_lines(rows: list[dict]) -> list[str]:
-    """bf16 against fp32 for points that differ only in precision: speed-up and the loss after the last step."""
+    """bf16 against fp32 for points that differ only in precision (and in torch.compile, which a user picks per
+    precision): speed-up and the loss after the last step."""
     lines = []
     for bf16 in (r for r in rows if r["settings"].get("precision") == "bf16"):
-        twin = {**bf16["settings"], "precision": "fp32"}
-        for fp32 in (r for r in rows if r["settings"] == twin):
+        twin = _without(bf16["settings"], "precision", "compile")
+        for fp32 in (r for r in rows if r["settings"].get("precision") == "fp32"
+                     and _without(r["settings"], "precision", "compile") == twin):
             speedup = bf16["tokens_per_s"] / fp32["tokens_per_s"]
             loss32, loss16 = fp32["measured"]["loss_last"], bf16["measured"]["loss_last"]
             lines.append(f"| {bf16['name']} / {fp32['name']} | {speedup:.2f}x | {loss16:.4f} / {loss32:.4f} "
@@ -75,6 +77,10 @@ def _precision_lines(rows: list[dict]) -> list[str]:
         return []
     return ["", "bf16 against fp32 (tokens/s ratio; loss after the last step):", "",
             "| points | bf16 / fp32 tokens/s | loss bf16 / fp32 |", "|---|---|---|", *lines]
+
+
+def _without(settings: dict, *keys: str) -> dict:
+    return {key: value for key, value in settings.items() if key not in keys}
 
 
 def write_report(out: Path, rows: list[dict], env: dict, meta: dict) -> list[Path]:

@@ -101,3 +101,17 @@ def test_points_on_the_configs_own_datasets_and_bf16_against_fp32(tiny_data, tmp
         assert 0 < point["measured"]["data_and_log_share"] < 1
     md = (tmp_path / "report.md").read_text()
     assert "Data: the config's indexed datasets" in md and "| precisionbf16 / precisionfp32 |" in md
+
+
+def test_bf16_table_pairs_points_that_differ_in_precision_and_compile_only():
+    from megacrystal.bench.report import _precision_lines
+
+    def row(precision, compiled, tp, tokens_per_s, loss):
+        return {"name": f"{precision}_{compiled}_tp{tp}", "tokens_per_s": tokens_per_s, "measured": {"loss_last": loss},
+                "settings": {"precision": precision, "compile": compiled, "tp": tp}}
+
+    rows = [row("fp32", False, 1, 100.0, 5.0), row("fp32", True, 1, 110.0, 5.0), row("bf16", True, 1, 300.0, 5.05),
+            row("fp32", False, 2, 50.0, 5.0)]  # tp 2 has no bf16 twin
+    table = [line for line in _precision_lines(rows) if line.startswith("| bf16")]
+    assert table == ["| bf16_True_tp1 / fp32_False_tp1 | 3.00x | 5.0500 / 5.0000 (+1.00%) |",
+                     "| bf16_True_tp1 / fp32_True_tp1 | 2.73x | 5.0500 / 5.0000 (+1.00%) |"]
