@@ -116,7 +116,7 @@ def run(args) -> int:
     jobs = slurm.plan_jobs(args, points, lr, out, phase) if args.slurm else []  # all checked before any is submitted
     if jobs:
         slurm.run_jobs(jobs, report.command_line())
-    measured = []
+    measured, baselines = [], {}
     for i, point in enumerate(points, 1):
         print(f"[{i}/{len(points)}] {point.name}: {point.world_size} rank(s), {args.steps} steps", flush=True)
         run_dir = jobs[i - 1].run_dir if jobs else sweep.run_point(
@@ -125,9 +125,16 @@ def run(args) -> int:
         print(f"    {point.measured['tokens_per_s']:,.0f} tokens/s, step {point.measured['step_time_s']:.3f} s",
               flush=True)
         measured.append(sweep.as_dict(point))
+        # The baseline runs on this host (so never beside points that ran on a cluster's nodes), right after the
+        # first point it compares with: a CPU's speed drifts over minutes, the comparison should not.
+        if not (args.no_baseline or jobs) and point.world_size == 1:
+            _measure_baseline(config, point.settings, args, baselines)
     rows = report.summarize(measured, flops_per_token(config.model), peak_for)
-    # The baseline runs here, so it would not compare with points that ran on the cluster's nodes.
-    baselines = {} if args.no_baseline or jobs else _baselines(config, rows, args)
+    for row in rows:
+        key = _baseline_key(config, row["settings"])
+        if row["world_size"] == 1 and key in baselines:
+            row["baseline"] = key
+            row["step_time_vs_baseline"] = row["measured"]["step_time_s"] / baselines[key]["step_time_s"]
     env = report.environment({f"{t} threads {p}": v for (t, p), v in cpu_peaks.items()} or "device table")
     meta = {"config": args.config, "sweep": args.sweep, "steps": args.steps, "warmup": args.warmup,
             "data": {"bench": phase} if phase else "synthetic",
@@ -140,23 +147,22 @@ def run(args) -> int:
     return 0
 
 
-def _baselines(config, rows: list[dict], args) -> dict:
-    """Time the plain-PyTorch baseline at each (micro-batch, precision) of the 1-process points."""
+def _baseline_key(config, settings: dict) -> str:
+    mbs = settings.get("mbs", config.train.micro_batch_size)
+    return f"mbs{mbs}_{settings.get('precision', config.train.precision)}"
+
+
+def _measure_baseline(config, settings: dict, args, baselines: dict) -> None:
+    """Time the plain-PyTorch baseline at this point's (micro-batch, precision) unless it already ran."""
     import os
 
     from .baseline import time_baseline
 
-    out = {}
-    for row in rows:
-        if row["world_size"] != 1:
-            continue
-        mbs = row["settings"].get("mbs", config.train.micro_batch_size)
-        precision = row["settings"].get("precision", config.train.precision)
-        key = f"mbs{mbs}_{precision}"
-        if key not in out:
-            print(f"baseline (plain PyTorch eager): micro-batch {mbs}, {precision}", flush=True)
-            out[key] = time_baseline(config.model, mbs, config.train.global_batch_size // mbs, args.steps,
-                                     args.warmup, precision, threads=os.cpu_count())
-        row["baseline"] = key
-        row["step_time_vs_baseline"] = row["measured"]["step_time_s"] / out[key]["step_time_s"]
-    return out
+    key = _baseline_key(config, settings)
+    if key in baselines:
+        return
+    mbs = settings.get("mbs", config.train.micro_batch_size)
+    precision = settings.get("precision", config.train.precision)
+    print(f"baseline (plain PyTorch eager): micro-batch {mbs}, {precision}", flush=True)
+    baselines[key] = time_baseline(config.model, mbs, config.train.global_batch_size // mbs, args.steps,
+                                   args.warmup, precision, threads=os.cpu_count())
