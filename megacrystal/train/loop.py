@@ -196,6 +196,15 @@ def _peak_memory_mb() -> float:
     """This process's peak memory: device memory on a GPU, resident set size on a CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    # VmHWM is this process image's own peak; Linux carries ru_maxrss across fork + exec, so a launcher that had
+    # grown large (the bench, after an in-process baseline) would show its own peak in every point it starts.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
