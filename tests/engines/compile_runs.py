@@ -2,7 +2,7 @@
 from megacrystal.config import load_config
 
 
-def eager_and_compiled(config_path: str, run_root: str) -> dict:
+def eager_and_compiled(config_path: str, run_root: str, *overrides: str) -> dict:
     import time
 
     from megacrystal.train.loop import train
@@ -12,7 +12,7 @@ def eager_and_compiled(config_path: str, run_root: str) -> dict:
     out = {}
     for compiled in (False, True):
         config = load_config(config_path, [f"train.compile={str(compiled).lower()}", "train.steps=4",
-                                           "checkpoint.interval=null", f"run.dir={run_root}/compile_{compiled}"])
+                                           "checkpoint.interval=null", f"run.dir={run_root}/compile_{compiled}", *overrides])
         start = time.perf_counter()
         records = train(config, resume="none")
         out[compiled] = {"losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records],
