@@ -47,9 +47,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         logits, index, local, log_sum_exp, picked = ctx.saved_tensors
         flat = logits.reshape(-1, logits.shape[-1])
         scale = grad_loss.reshape(-1).float()
-        # d loss / d logit = (softmax - one_hot(target)) x the row's incoming gradient. The gradient overwrites
-        # the logits: nothing else reads them after the loss (the output layer's backward needs its input and
-        # weight), and a fresh [s, b, vocab] tensor would cost a full pass of page faults on a CPU.
+        # d loss / d logit = (softmax - one_hot(target)) x the row's incoming gradient. Eager, the gradient
+        # overwrites the logits block by block: nothing else reads them after the loss (the output layer's
+        # backward needs its input and weight), and a fresh [s, b, vocab] tensor would cost a full pass of page
+        # faults on a CPU. Compiled, one fused kernel writes a new tensor (from memory the allocator kept).
         if ctx.compiled:
             grad = _compiled_scaled_softmax(flat, log_sum_exp, scale)
         else:
