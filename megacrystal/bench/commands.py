@@ -147,9 +147,14 @@ def run(args) -> int:
     return 0
 
 
+def _baseline_setting(config, settings: dict) -> tuple[int, str]:
+    """The (micro-batch, precision) a point's baseline runs at, and so its key in the report."""
+    return settings.get("mbs", config.train.micro_batch_size), settings.get("precision", config.train.precision)
+
+
 def _baseline_key(config, settings: dict) -> str:
-    mbs = settings.get("mbs", config.train.micro_batch_size)
-    return f"mbs{mbs}_{settings.get('precision', config.train.precision)}"
+    mbs, precision = _baseline_setting(config, settings)
+    return f"mbs{mbs}_{precision}"
 
 
 def _measure_baseline(config, settings: dict, args, baselines: dict) -> None:
@@ -161,8 +166,7 @@ def _measure_baseline(config, settings: dict, args, baselines: dict) -> None:
     key = _baseline_key(config, settings)
     if key in baselines:
         return
-    mbs = settings.get("mbs", config.train.micro_batch_size)
-    precision = settings.get("precision", config.train.precision)
+    mbs, precision = _baseline_setting(config, settings)
     print(f"baseline (plain PyTorch eager): micro-batch {mbs}, {precision}", flush=True)
     baselines[key] = time_baseline(config.model, mbs, config.train.global_batch_size // mbs, args.steps,
                                    args.warmup, precision, threads=os.cpu_count())

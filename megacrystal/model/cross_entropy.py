@@ -57,7 +57,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             grad = flat if ctx.overwrite else torch.empty_like(flat)
             for block in range(0, flat.shape[0], ROWS_PER_BLOCK):
                 part = slice(block, block + ROWS_PER_BLOCK)
-                grad[part] = (flat[part].float() - log_sum_exp[part, None]).exp_().mul_(scale[part, None])
+                grad[part] = _scaled_softmax(flat[part], log_sum_exp[part], scale[part])
         # The one-hot term, in fp32 before rounding: the target column holds (p - 1) x scale, not p x scale
         # rounded first. A row whose target another TP rank holds has index 0, local 0: p x scale, unchanged.
         # (Advanced indexing, not scatter_: on CPU scatter_ into a [tokens, vocab] bf16 tensor takes ~35 ms.)
