@@ -34,8 +34,10 @@ def rope(x: torch.Tensor, rotary_dim: int, base: float, interleaved: bool = True
 
 def crystal_logits(w: dict[str, torch.Tensor], tokens: torch.Tensor, *, num_layers: int, num_heads: int,
                    rotary_dim: int, rotary_base: float, eps: float, embeddings_scale: float,
-                   output_logits_scale: float, interleaved: bool = True) -> torch.Tensor:
-    """Logits [B, T, V] of Crystal for `tokens` [B, T] with weights named as in the spec (wte, h.i.*, ln_f)."""
+                   output_logits_scale: float, interleaved: bool = True,
+                   head: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [B, T, V] of Crystal for `tokens` [B, T] with weights named as in the spec (wte, h.i.*, ln_f);
+    `head` replaces wte in the tied output projection (tests separate the two uses' gradients with it)."""
     batch, seq = tokens.shape
     hidden = w["wte"].shape[1]
     dh = hidden // num_heads
@@ -56,4 +58,4 @@ def crystal_logits(w: dict[str, torch.Tensor], tokens: torch.Tensor, *, num_laye
         gate = F.linear(m, w[p + "mlp.gate.weight"], w[p + "mlp.gate.bias"])
         h = h + F.linear(up * F.silu(gate), w[p + "mlp.down.weight"], w[p + "mlp.down.bias"])
     hf = F.layer_norm(h, (hidden,), w["ln_f.weight"], w["ln_f.bias"], eps)
-    return F.linear(hf, w["wte"]) * output_logits_scale  # tied head, no bias
+    return F.linear(hf, w["wte"] if head is None else head) * output_logits_scale  # tied head, no bias

@@ -88,6 +88,65 @@ def forward_against_reference() -> dict:
         teardown_parallel()
 
 
+def vocab_gradients_against_reference() -> dict:
+    """The tied vocabulary weight's gradient (embedding + output projection, model/vocab.py) against autograd
+    through the spec's formulas in float64: written into megatron DDP's fp32 main_grad, and as a plain .grad
+    without DDP (the DeepSpeed engine's path), in fp32 and bf16. Also the final norm's gradient, which flows
+    through the projection's input gradient."""
+    from megacrystal.engines.megatron import MegatronEngine
+    from megacrystal.model.crystal import build_model_chunks
+
+    results = {}
+    for precision in ("fp32", "bf16"):
+        config = config_from_dict({**SMALL, "train": {**SMALL["train"], "precision": precision}})
+        m = config.model
+        layout = setup_parallel(config)
+        try:
+            (bare,) = build_model_chunks(m, config.parallel, precision)
+            wrapped = MegatronEngine(config, layout).model[0]
+            gen = torch.Generator().manual_seed(13)
+            with torch.no_grad():
+                for param in bare.parameters():
+                    param.copy_(0.3 * torch.randn(param.shape, generator=gen) + (1.0 if param.dim() == 1 else 0.0))
+                wrapped.module.load_state_dict(bare.state_dict())
+            tokens = torch.randint(0, m.vocab_size, (2, m.seq_length), generator=gen)
+            labels = torch.randint(0, m.vocab_size, (2, m.seq_length), generator=gen)
+            positions = torch.arange(m.seq_length).expand_as(tokens)
+            for model in (bare, wrapped):
+                model(tokens, positions, None, labels=labels).sum().backward()
+            grads = {
+                "main_grad": {"wte": wrapped.module.embedding.word_embeddings.weight.main_grad,
+                              "ln_f": wrapped.module.decoder.final_layernorm.weight.main_grad},
+                "grad": {"wte": bare.embedding.word_embeddings.weight.grad,
+                         "ln_f": bare.decoder.final_layernorm.weight.grad},
+            }
+            weights = {k: v.detach().double().requires_grad_()
+                       for k, v in reference_weights({k: v for k, v in bare.state_dict().items()
+                                                      if not k.endswith("_extra_state")},
+                                                     m.num_layers, m.num_heads).items()}
+            kwargs = dict(num_layers=m.num_layers, num_heads=m.num_heads, rotary_dim=m.rotary_dim,
+                          rotary_base=m.rotary_base, eps=m.layernorm_eps, embeddings_scale=m.embeddings_scale,
+                          output_logits_scale=m.output_logits_scale)
+            logits = crystal_logits(weights, tokens, **kwargs)
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").backward()
+            reference = {"wte": weights["wte"].grad, "ln_f": weights["ln_f.weight"].grad}
+            # Negative control: the output projection's share alone (the lookup's weight a constant).
+            head_only = crystal_logits({**weights, "wte": weights["wte"].detach()}, tokens, **kwargs,
+                                       head=weights["wte"])
+
+            def rel(a, b):
+                return float((a.double() - b).abs().max() / b.abs().max())
+
+            for path, got in grads.items():
+                results[f"{precision}/{path}"] = {name: rel(got[name], reference[name]) for name in reference}
+            weights["wte"].grad = None
+            torch.nn.functional.cross_entropy(head_only.flatten(0, 1), labels.flatten(), reduction="sum").backward()
+            results[f"{precision}/control_output_use_only"] = rel(weights["wte"].grad, reference["wte"])
+        finally:
+            teardown_parallel()
+    return results
+
+
 def core_attention_against_megatron() -> dict:
     """Our SDPA core attention against megatron's unfused DotProductAttention: outputs and input gradients."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -153,4 +212,4 @@ def crystal_7b_on_meta(config_path: str) -> dict:
 def model_checks(config_path: str) -> dict:
     """Everything test_crystal.py asserts on, from one process (megatron-core imports once)."""
     return {"forward": forward_against_reference(), "meta7b": crystal_7b_on_meta(config_path),
-            "attention": core_attention_against_megatron()}
+            "attention": core_attention_against_megatron(), "vocab_grads": vocab_gradients_against_reference()}

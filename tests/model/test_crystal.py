@@ -40,6 +40,16 @@ def test_sdpa_core_attention_equals_megatrons_unfused_attention(checks):
     assert attention["max_diff"] <= 1e-5, attention
 
 
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-5), ("bf16", 3e-2)])
+@pytest.mark.parametrize("path", ["main_grad", "grad"])
+def test_tied_vocab_weight_gradient_matches_reference(checks, precision, path, tolerance):
+    # main_grad: megatron DDP, where model/vocab.py adds both uses' gradients straight into the fp32 buffer;
+    # grad: no DDP (the DeepSpeed engine's path), the usual dense gradient.
+    rel = checks["vocab_grads"][f"{precision}/{path}"]
+    assert rel["wte"] <= tolerance and rel["ln_f"] <= tolerance, rel
+    assert checks["vocab_grads"][f"{precision}/control_output_use_only"] > 0.1  # both uses matter
+
+
 def test_7b_parameter_count_and_meta_build(checks):
     params = checks["meta7b"]["params"]
     assert all(p["meta"] for p in params.values())

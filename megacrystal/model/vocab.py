@@ -1,0 +1,132 @@
+"""The vocabulary weight's two uses, embedding lookup and output projection, with fast weight gradients.
+
+Upstream, each use returns a dense [vocab, hidden] weight gradient in the parameter's dtype, which autograd sums
+(the weight is tied) and megatron's DDP hook then adds into the fp32 `main_grad`: three full passes over the
+largest weight for an embedding gradient that touches only this step's tokens' rows, and a projection gradient
+`g^T x` whose first operand is the transposed [tokens, vocab] logit gradient, which oneDNN's bf16 GEMM runs at
+half speed. When the weight lives in megatron's DDP buffer (it has `main_grad`), both uses here add straight into
+it instead, the way megatron's gradient-accumulation fusion does on GPUs: the embedding adds its rows
+(`index_add_`); the projection, in bf16, computes `x^T g` from row-major operands and adds it transposed, in fp32
+one `addmm_`. Then megatron's protocol: `grad_added_to_main_grad` set, and an unused gradient tensor handed to
+autograd so DDP's hook runs (overlap_grad_reduce asserts it has a gradient) and adds nothing. Where both uses
+share a pipeline stage only the projection hands one (two would be summed: a pass over [vocab, hidden]).
+Measured at the small shape on CPU: ~45 ms less per bf16 step. Without `main_grad` (the DeepSpeed engine) both
+return the usual dense gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.mappings import (
+    _gather_along_first_dim,
+    _reduce_scatter_along_first_dim,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
+
+
+def _writes_main_grad(weight: torch.Tensor) -> bool:
+    """Whether megatron's DDP owns this weight's gradient buffer."""
+    return getattr(weight, "main_grad", None) is not None and hasattr(weight, "grad_added_to_main_grad")
+
+
+def _added_to_main_grad(weight: torch.Tensor, hand_gradient: bool = True) -> torch.Tensor | None:
+    weight.grad_added_to_main_grad = True
+    return torch.empty_like(weight) if hand_gradient else None
+
+
+def _add_transposed(main_grad: torch.Tensor, product_t: torch.Tensor) -> None:
+    main_grad.add_(product_t.t())
+
+
+_compiled_add_transposed = torch.compile(_add_transposed, dynamic=False)  # compiled on first use only
+
+
+class _EmbeddingLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, weight: torch.Tensor, output_layer_hands_gradient: bool) -> torch.Tensor:
+        ctx.save_for_backward(ids, weight)
+        ctx.output_layer_hands_gradient = output_layer_hands_gradient
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ids, weight = ctx.saved_tensors
+        rows, grad_rows = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+        if not ctx.needs_input_grad[1]:
+            return None, None, None
+        if _writes_main_grad(weight):
+            weight.main_grad.index_add_(0, rows, grad_rows.to(weight.main_grad.dtype))
+            return None, _added_to_main_grad(weight, not ctx.output_layer_hands_gradient), None
+        return None, torch.zeros_like(weight).index_add_(0, rows, grad_rows), None
+
+
+class _OutputProjection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, allreduce_dgrad: bool, sequence_parallel: bool,
+                tp_group, compiled: bool) -> torch.Tensor:
+        if sequence_parallel:  # each TP rank holds a slice of the sequence: project all of it
+            hidden = _gather_along_first_dim(hidden, tp_group)
+        ctx.save_for_backward(hidden, weight)
+        ctx.allreduce_dgrad, ctx.sequence_parallel, ctx.tp_group = allreduce_dgrad, sequence_parallel, tp_group
+        ctx.compiled = compiled
+        return torch.matmul(hidden, weight.t())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        hidden, weight = ctx.saved_tensors
+        grad_hidden = grad.matmul(weight)
+        handle = None
+        if ctx.allreduce_dgrad:  # every TP rank had the same input: sum its vocab shards' gradients
+            handle = dist.all_reduce(grad_hidden, group=ctx.tp_group, async_op=True)
+        grad_2d, hidden_2d = grad.reshape(-1, grad.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
+        if not ctx.needs_input_grad[1]:  # a frozen weight
+            grad_weight = None
+        elif not _writes_main_grad(weight):
+            grad_weight = grad_2d.t().matmul(hidden_2d)
+        elif weight.main_grad.dtype == grad.dtype:  # fp32: the accumulation fuses into the GEMM
+            weight.main_grad.addmm_(grad_2d.t(), hidden_2d)
+            grad_weight = _added_to_main_grad(weight)
+        else:  # bf16 into fp32: (x^T g)^T with both operands row-major, 1.8x faster than g^T x on CPU
+            product_t = hidden_2d.t().contiguous().matmul(grad_2d)
+            (_compiled_add_transposed if ctx.compiled else _add_transposed)(weight.main_grad, product_t)
+            grad_weight = _added_to_main_grad(weight)
+        if handle is not None:
+            handle.wait()
+        if ctx.sequence_parallel:  # sum the shards' gradients and keep this rank's slice of the sequence
+            grad_hidden = _reduce_scatter_along_first_dim(grad_hidden, ctx.tp_group)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+class CrystalVocabEmbedding(VocabParallelEmbedding):
+    """megatron's VocabParallelEmbedding (same parameters, masking and TP reductions) through _EmbeddingLookup."""
+
+    output_layer_hands_gradient = False  # set by CrystalGPTModel when the tied output layer is on this stage
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        sharded = self.tp_group.size() > 1
+        if sharded:  # ids outside this rank's vocab shard read row 0, then are zeroed
+            off_shard = (input_ < self.vocab_start_index) | (input_ >= self.vocab_end_index)
+            input_ = (input_ - self.vocab_start_index).masked_fill_(off_shard, 0)
+        output = _EmbeddingLookup.apply(input_, self.weight, self.output_layer_hands_gradient)
+        if sharded:
+            output = output.masked_fill(off_shard.unsqueeze(-1), 0.0)
+        if self.reduce_scatter_embeddings:  # [b, s, h] -> [s, b, h], scattered along the sequence
+            return reduce_scatter_to_sequence_parallel_region(output.transpose(0, 1).contiguous(),
+                                                              group=self.tp_group)
+        return reduce_from_tensor_model_parallel_region(output, group=self.tp_group)
+
+
+class CrystalOutputLayer(ColumnParallelLinear):
+    """megatron's ColumnParallelLinear for the tied output projection (no bias), through _OutputProjection."""
+
+    compiled = False  # train.compile: the transposed main_grad add as an inductor kernel
+
+    def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
+                      sequence_parallel=False, grad_output_buffer=None, tp_group=None, **_unused):
+        if bias is not None or grad_output_buffer is not None:
+            raise ValueError("megacrystal's output layer has no bias and computes its weight gradient at once "
+                             "(defer_embedding_wgrad_compute is not supported)")
+        return _OutputProjection.apply(input, weight, allreduce_dgrad, sequence_parallel, tp_group, self.compiled)
