@@ -44,6 +44,23 @@ def _add_transposed(main_grad: torch.Tensor, product_t: torch.Tensor) -> None:
 _compiled_add_transposed = torch.compile(_add_transposed, dynamic=False)  # compiled on first use only
 
 
+VOCAB_BLOCK = 4096  # CPU: logits for this many vocabulary rows per GEMM call (measured best of 1k-8k)
+
+
+def _project(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden @ weight^T. On a CPU a block of vocabulary rows at a time, written in place: oneDNN's bf16 GEMM
+    takes 27 ms for the small shape's [2048 x 512] x [512 x 32032] that way against 37 ms in one call (fp32:
+    the same either way)."""
+    if hidden.device.type != "cpu":
+        return torch.matmul(hidden, weight.t())
+    logits = hidden.new_empty(*hidden.shape[:-1], weight.shape[0])
+    hidden_2d, logits_2d = hidden.reshape(-1, hidden.shape[-1]), logits.view(-1, weight.shape[0])
+    for start in range(0, weight.shape[0], VOCAB_BLOCK):
+        block = slice(start, start + VOCAB_BLOCK)
+        torch.mm(hidden_2d, weight[block].t(), out=logits_2d[:, block])
+    return logits
+
+
 class _EmbeddingLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ids: torch.Tensor, weight: torch.Tensor, output_layer_hands_gradient: bool) -> torch.Tensor:
@@ -72,7 +89,7 @@ class _OutputProjection(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight)
         ctx.allreduce_dgrad, ctx.sequence_parallel, ctx.tp_group = allreduce_dgrad, sequence_parallel, tp_group
         ctx.compiled = compiled
-        return torch.matmul(hidden, weight.t())
+        return _project(hidden, weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
