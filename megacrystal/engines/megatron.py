@@ -11,6 +11,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..config import Config
+from ..distributed.grad_buffer import write_first_gradients
 from ..distributed.runtime import Layout
 from ..model.crystal import build_model_chunks
 from ..model.init import init_crystal_weights
@@ -43,9 +44,11 @@ class MegatronEngine:
                                     disable_bucketing=index > 0)
             for index, chunk in enumerate(chunks)
         ]
+        for chunk in self.model:
+            write_first_gradients(chunk)
         no_sync = [m.no_sync for m in self.model]
         self.tconfig.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
-        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.tconfig.finalize_model_grads_func = self._finalize_model_grads
         self.optimizer = self._build_optimizer()
         self._forward_backward = get_forward_backward_func()
 
@@ -146,6 +149,12 @@ class MegatronEngine:
         # With labels, GPTModel returns the per-token cross entropy [b, s] (vocab-parallel under TP).
         output = model(tokens, positions, None, labels=batch.labels.to(device, non_blocking=True))
         return output, partial(_sum_loss, batch.loss_mask.to(device, non_blocking=True))
+
+    def _finalize_model_grads(self, *args, **kwargs):
+        """megatron's gradient reductions, after zeroing the gradients no backward wrote this step."""
+        for chunk in self.model:
+            chunk.zero_stale_gradients()
+        return finalize_model_grads(*args, **kwargs)
 
     def _global_loss(self, reduced: list[dict]) -> tuple[float, int]:
         """Sum (loss, tokens) over micro-batches and data-parallel ranks; every rank gets the result."""

@@ -26,22 +26,31 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
 )
 
+from ..distributed.grad_buffer import accumulate
+
 
 def _writes_main_grad(weight: torch.Tensor) -> bool:
     """Whether megatron's DDP owns this weight's gradient buffer."""
     return getattr(weight, "main_grad", None) is not None and hasattr(weight, "grad_added_to_main_grad")
 
 
-def _added_to_main_grad(weight: torch.Tensor, hand_gradient: bool = True) -> torch.Tensor | None:
+def _placeholder(weight: torch.Tensor, hand_gradient: bool = True) -> torch.Tensor | None:
+    """megatron's protocol after writing main_grad: flagged, and an unused gradient for DDP's hooks."""
     weight.grad_added_to_main_grad = True
-    return torch.empty_like(weight) if hand_gradient else None
+    if not hand_gradient:
+        return None
+    weight.grad_is_placeholder = True  # for distributed/grad_buffer.py's pre-hook: nothing to add
+    return torch.empty_like(weight)
 
 
-def _add_transposed(main_grad: torch.Tensor, product_t: torch.Tensor) -> None:
-    main_grad.add_(product_t.t())
+def _put_transposed(main_grad: torch.Tensor, product_t: torch.Tensor, overwrite: bool) -> None:
+    if overwrite:
+        main_grad.copy_(product_t.t())
+    else:
+        main_grad.add_(product_t.t())
 
 
-_compiled_add_transposed = torch.compile(_add_transposed, dynamic=False)  # compiled on first use only
+_compiled_put_transposed = torch.compile(_put_transposed, dynamic=False)  # compiled on first use only
 
 
 VOCAB_BLOCK = 4096  # CPU: logits for this many vocabulary rows per GEMM call (measured best of 1k-8k)
@@ -75,8 +84,10 @@ class _EmbeddingLookup(torch.autograd.Function):
         if not ctx.needs_input_grad[1]:
             return None, None, None
         if _writes_main_grad(weight):
-            weight.main_grad.index_add_(0, rows, grad_rows.to(weight.main_grad.dtype))
-            return None, _added_to_main_grad(weight, not ctx.output_layer_hands_gradient), None
+            grad_rows = grad_rows.to(weight.main_grad.dtype)
+            accumulate(weight, lambda main_grad: main_grad.zero_().index_add_(0, rows, grad_rows),
+                       lambda main_grad: main_grad.index_add_(0, rows, grad_rows))
+            return None, _placeholder(weight, not ctx.output_layer_hands_gradient), None
         return None, torch.zeros_like(weight).index_add_(0, rows, grad_rows), None
 
 
@@ -104,12 +115,15 @@ class _OutputProjection(torch.autograd.Function):
         elif not _writes_main_grad(weight):
             grad_weight = grad_2d.t().matmul(hidden_2d)
         elif weight.main_grad.dtype == grad.dtype:  # fp32: the accumulation fuses into the GEMM
-            weight.main_grad.addmm_(grad_2d.t(), hidden_2d)
-            grad_weight = _added_to_main_grad(weight)
+            accumulate(weight, lambda main_grad: torch.mm(grad_2d.t(), hidden_2d, out=main_grad),
+                       lambda main_grad: main_grad.addmm_(grad_2d.t(), hidden_2d))
+            grad_weight = _placeholder(weight)
         else:  # bf16 into fp32: (x^T g)^T with both operands row-major, 1.8x faster than g^T x on CPU
             product_t = hidden_2d.t().contiguous().matmul(grad_2d)
-            (_compiled_add_transposed if ctx.compiled else _add_transposed)(weight.main_grad, product_t)
-            grad_weight = _added_to_main_grad(weight)
+            put = _compiled_put_transposed if ctx.compiled else _put_transposed
+            accumulate(weight, lambda main_grad: put(main_grad, product_t, True),
+                       lambda main_grad: put(main_grad, product_t, False))
+            grad_weight = _placeholder(weight)
         if handle is not None:
             handle.wait()
         if ctx.sequence_parallel:  # sum the shards' gradients and keep this rank's slice of the sequence

@@ -88,14 +88,17 @@ def forward_against_reference() -> dict:
         teardown_parallel()
 
 
-def vocab_gradients_against_reference() -> dict:
-    """The tied vocabulary weight's gradient (embedding + output projection, model/vocab.py) against autograd
-    through the spec's formulas in float64: written into megatron DDP's fp32 main_grad, and as a plain .grad
-    without DDP (the DeepSpeed engine's path), in fp32 and bf16. Also the final norm's gradient, which flows
-    through the projection's input gradient."""
+def gradients_against_reference() -> dict:
+    """Gradients against autograd through the spec's formulas in float64, in fp32 and bf16: the tied vocabulary
+    weight (embedding + output projection, model/vocab.py), the final norm (through the projection's input
+    gradient) and a layer's fc2 weight. Three ways: megatron DDP's fp32 main_grad as the engine keeps it
+    (distributed/grad_buffer.py: a stale buffer from an earlier step overwritten, then a second micro-batch
+    added), and a plain .grad without DDP (the DeepSpeed engine's path)."""
     from megacrystal.engines.megatron import MegatronEngine
     from megacrystal.model.crystal import build_model_chunks
 
+    names = {"wte": "embedding.word_embeddings.weight", "ln_f": "decoder.final_layernorm.weight",
+             "h.1.mlp.down.weight": "decoder.layers.1.mlp.linear_fc2.weight"}
     results = {}
     for precision in ("fp32", "bf16"):
         config = config_from_dict({**SMALL, "train": {**SMALL["train"], "precision": precision}})
@@ -112,14 +115,24 @@ def vocab_gradients_against_reference() -> dict:
             tokens = torch.randint(0, m.vocab_size, (2, m.seq_length), generator=gen)
             labels = torch.randint(0, m.vocab_size, (2, m.seq_length), generator=gen)
             positions = torch.arange(m.seq_length).expand_as(tokens)
-            for model in (bare, wrapped):
-                model(tokens, positions, None, labels=labels).sum().backward()
-            grads = {
-                "main_grad": {"wte": wrapped.module.embedding.word_embeddings.weight.main_grad,
-                              "ln_f": wrapped.module.decoder.final_layernorm.weight.main_grad},
-                "grad": {"wte": bare.embedding.word_embeddings.weight.grad,
-                         "ln_f": bare.decoder.final_layernorm.weight.grad},
-            }
+            wrapped_params = dict(wrapped.module.named_parameters())
+
+            def loss(model, targets=labels):
+                return model(tokens, positions, None, labels=targets).sum()
+
+            loss(bare).backward()
+            loss(wrapped, labels.flip(0)).backward()  # an earlier step's gradients, left in the buffer
+            wrapped.zero_grad_buffer()
+            loss(wrapped).backward()
+            got = {"main_grad": {k: wrapped_params[n].main_grad.clone() for k, n in names.items()},
+                   "grad": {k: bare.get_parameter(n).grad for k, n in names.items()}}
+            loss(wrapped).backward()  # a second micro-batch of the same step: added
+            got["main_grad_accumulated"] = {k: wrapped_params[n].main_grad / 2 for k, n in names.items()}
+            wrapped.zero_grad_buffer()
+            wrapped.zero_stale_gradients()  # no backward this step: all gradients zeroed
+            results[f"{precision}/stale_zeroed"] = all(
+                bool((p.main_grad == 0).all()) for p in wrapped_params.values())
+
             weights = {k: v.detach().double().requires_grad_()
                        for k, v in reference_weights({k: v for k, v in bare.state_dict().items()
                                                       if not k.endswith("_extra_state")},
@@ -127,20 +140,22 @@ def vocab_gradients_against_reference() -> dict:
             kwargs = dict(num_layers=m.num_layers, num_heads=m.num_heads, rotary_dim=m.rotary_dim,
                           rotary_base=m.rotary_base, eps=m.layernorm_eps, embeddings_scale=m.embeddings_scale,
                           output_logits_scale=m.output_logits_scale)
-            logits = crystal_logits(weights, tokens, **kwargs)
-            torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").backward()
-            reference = {"wte": weights["wte"].grad, "ln_f": weights["ln_f.weight"].grad}
-            # Negative control: the output projection's share alone (the lookup's weight a constant).
-            head_only = crystal_logits({**weights, "wte": weights["wte"].detach()}, tokens, **kwargs,
-                                       head=weights["wte"])
+
+            def reference_loss(**overrides):
+                logits = crystal_logits({**weights, **overrides}, tokens, **kwargs, head=weights["wte"])
+                return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+
+            reference_loss().backward()
+            reference = {k: weights[k if k != "ln_f" else "ln_f.weight"].grad.clone() for k in names}
 
             def rel(a, b):
                 return float((a.double() - b).abs().max() / b.abs().max())
 
-            for path, got in grads.items():
-                results[f"{precision}/{path}"] = {name: rel(got[name], reference[name]) for name in reference}
+            for path, grads in got.items():
+                results[f"{precision}/{path}"] = {k: rel(grads[k], reference[k]) for k in names}
+            # Negative control: the output projection's share alone (the lookup's weight a constant).
             weights["wte"].grad = None
-            torch.nn.functional.cross_entropy(head_only.flatten(0, 1), labels.flatten(), reduction="sum").backward()
+            reference_loss(wte=weights["wte"].detach()).backward()
             results[f"{precision}/control_output_use_only"] = rel(weights["wte"].grad, reference["wte"])
         finally:
             teardown_parallel()
@@ -215,4 +230,4 @@ def model_checks(config_path: str) -> dict:
 
     vocab.VOCAB_BLOCK = 48  # the 128-token vocabulary's logits in three GEMMs, the last one ragged
     return {"forward": forward_against_reference(), "meta7b": crystal_7b_on_meta(config_path),
-            "attention": core_attention_against_megatron(), "vocab_grads": vocab_gradients_against_reference()}
+            "attention": core_attention_against_megatron(), "grads": gradients_against_reference()}
