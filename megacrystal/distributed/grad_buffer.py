@@ -59,5 +59,10 @@ def write_first_gradients(ddp: DistributedDataParallel) -> None:
         for group in ddp.bucket_groups + ddp.expert_parallel_bucket_groups:
             group.reset()
 
+    def zero_stale_gradients():  # before the reductions: a parameter no backward reached this step
+        for param in params:
+            if param.main_grad_stale:
+                param.main_grad.zero_()
+
     ddp.zero_grad_buffer = zero_grad_buffer
-    ddp.zero_stale_gradients = lambda: [param.main_grad.zero_() for param in params if param.main_grad_stale]
+    ddp.zero_stale_gradients = zero_stale_gradients
