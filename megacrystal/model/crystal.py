@@ -22,7 +22,7 @@ from ..distributed import cpu_compat
 from .attention import CrystalCoreAttention
 from .cross_entropy import vocab_parallel_cross_entropy
 from .norm import CrystalLayerNorm
-from .vocab import CrystalOutputLayer, CrystalVocabEmbedding
+from .vocab import use_vocab_layers
 
 
 def transformer_config(model: ModelSection, parallel: ParallelSection, precision: str = "fp32") -> TransformerConfig:
@@ -105,19 +105,11 @@ class CrystalGPTModel(GPTModel):
         self.embeddings_scale = embeddings_scale
         self.output_logits_scale = output_logits_scale
         self.compiled = False
-        # The vocabulary weight's two uses become megacrystal's subclasses (model/vocab.py: same parameters, weight
-        # gradients written into megatron's main_grad); GPTModel builds them, so the instances are re-classed.
+        use_vocab_layers(self)  # model/vocab.py: the tied weight's gradients written into megatron's main_grad
         if self.pre_process:  # the embedding exists on the first pipeline stage only
-            self.embedding.word_embeddings.__class__ = CrystalVocabEmbedding
             self.embedding.register_forward_hook(self._scale_embeddings)
         if self.post_process:  # logits x scale, on every TP rank's vocab shard
-            self.output_layer.__class__ = CrystalOutputLayer
             self.output_layer.register_forward_pre_hook(self._scale_logits)
-        if self.pre_process and self.post_process:
-            # Both uses on one stage: megatron marks the weight zero_out_wgrad so DDP's hook adds its fused wgrad's
-            # placeholder zeroed; here the placeholder is never added (both uses wrote main_grad themselves).
-            self.embedding.word_embeddings.output_layer_hands_gradient = True
-            self.shared_embedding_or_output_weight().zero_out_wgrad = False
 
     def compile_layers_and_loss(self) -> None:
         """torch.compile (inductor) for every transformer layer and the loss gradient (train.compile); the

@@ -135,7 +135,7 @@ class _OutputProjection(torch.autograd.Function):
 class CrystalVocabEmbedding(VocabParallelEmbedding):
     """megatron's VocabParallelEmbedding (same parameters, masking and TP reductions) through _EmbeddingLookup."""
 
-    output_layer_hands_gradient = False  # set by CrystalGPTModel when the tied output layer is on this stage
+    output_layer_hands_gradient = False  # set by use_vocab_layers when the tied output layer is on this stage
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
         sharded = self.tp_group.size() > 1
@@ -162,3 +162,17 @@ class CrystalOutputLayer(ColumnParallelLinear):
             raise ValueError("megacrystal's output layer has no bias and computes its weight gradient at once "
                              "(defer_embedding_wgrad_compute is not supported)")
         return _OutputProjection.apply(input, weight, allreduce_dgrad, sequence_parallel, tp_group, self.compiled)
+
+
+def use_vocab_layers(model) -> None:
+    """Turn a GPTModel's embedding and output layer (GPTModel builds them itself, so the instances are re-classed:
+    same parameters and state) into the classes above."""
+    if model.pre_process:
+        model.embedding.word_embeddings.__class__ = CrystalVocabEmbedding
+    if model.post_process:
+        model.output_layer.__class__ = CrystalOutputLayer
+    if model.pre_process and model.post_process:
+        # Both uses on one stage: megatron marks the weight zero_out_wgrad so DDP's hook adds its fused wgrad's
+        # placeholder zeroed; here the placeholder is never added (both uses wrote main_grad themselves).
+        model.embedding.word_embeddings.output_layer_hands_gradient = True
+        model.shared_embedding_or_output_weight().zero_out_wgrad = False

@@ -45,6 +45,13 @@ def reference_weights(sd: dict[str, torch.Tensor], num_layers: int, num_heads: i
     return w
 
 
+def reference_kwargs(m) -> dict:
+    """crystal_logits' model arguments from a ModelSection."""
+    return dict(num_layers=m.num_layers, num_heads=m.num_heads, rotary_dim=m.rotary_dim,
+                rotary_base=m.rotary_base, eps=m.layernorm_eps, embeddings_scale=m.embeddings_scale,
+                output_logits_scale=m.output_logits_scale)
+
+
 def forward_against_reference() -> dict:
     """Max relative logit difference of megatron Crystal vs the plain-PyTorch spec (and negative controls)."""
     from megacrystal.model.crystal import build_model_chunks
@@ -71,9 +78,7 @@ def forward_against_reference() -> dict:
             ours = model(tokens, positions, None)
         weights = reference_weights({k: v.detach() for k, v in model.state_dict().items()
                                      if not k.endswith("_extra_state")}, m.num_layers, m.num_heads)
-        kwargs = dict(num_layers=m.num_layers, num_heads=m.num_heads, rotary_dim=m.rotary_dim,
-                      rotary_base=m.rotary_base, eps=m.layernorm_eps, embeddings_scale=m.embeddings_scale,
-                      output_logits_scale=m.output_logits_scale)
+        kwargs = reference_kwargs(m)
         ref = crystal_logits(weights, tokens, **kwargs)
         rotate_half = crystal_logits(weights, tokens, **kwargs, interleaved=False)
         no_mup = crystal_logits(weights, tokens, **{**kwargs, "embeddings_scale": 1.0})
@@ -137,9 +142,7 @@ def gradients_against_reference() -> dict:
                        for k, v in reference_weights({k: v for k, v in bare.state_dict().items()
                                                       if not k.endswith("_extra_state")},
                                                      m.num_layers, m.num_heads).items()}
-            kwargs = dict(num_layers=m.num_layers, num_heads=m.num_heads, rotary_dim=m.rotary_dim,
-                          rotary_base=m.rotary_base, eps=m.layernorm_eps, embeddings_scale=m.embeddings_scale,
-                          output_logits_scale=m.output_logits_scale)
+            kwargs = reference_kwargs(m)
 
             def reference_loss(**overrides):
                 logits = crystal_logits({**weights, **overrides}, tokens, **kwargs, head=weights["wte"])
