@@ -21,6 +21,7 @@ from ..config.schema import ModelSection, ParallelSection
 from ..distributed import cpu_compat
 from .attention import CrystalCoreAttention
 from .cross_entropy import vocab_parallel_cross_entropy
+from .mlp import use_swiglu_mlp
 from .norm import CrystalLayerNorm
 from .vocab import use_vocab_layers
 
@@ -71,8 +72,8 @@ def transformer_config(model: ModelSection, parallel: ParallelSection, precision
 
 
 def block_spec(config: TransformerConfig, vp_stage: int | None) -> TransformerBlockSubmodules:
-    """megatron's local layer spec with Crystal's LayerNorm for both per-layer norms and the final norm, and
-    the causal attention core through PyTorch's fused SDPA."""
+    """megatron's local layer spec with Crystal's LayerNorm for both per-layer norms and the final norm, the
+    causal attention core of model/attention.py (the MLP becomes model/mlp.py's in CrystalGPTModel)."""
     layer = get_gpt_layer_local_spec(normalization="LayerNorm")
     layer.submodules.input_layernorm = CrystalLayerNorm
     layer.submodules.pre_mlp_layernorm = CrystalLayerNorm
@@ -106,6 +107,8 @@ class CrystalGPTModel(GPTModel):
         self.output_logits_scale = output_logits_scale
         self.compiled = False
         use_vocab_layers(self)  # model/vocab.py: the tied weight's gradients written into megatron's main_grad
+        for layer in self.decoder.layers:
+            use_swiglu_mlp(layer)  # model/mlp.py: one autograd node for the gated unit
         if self.pre_process:  # the embedding exists on the first pipeline stage only
             self.embedding.register_forward_hook(self._scale_embeddings)
         if self.post_process:  # logits x scale, on every TP rank's vocab shard

@@ -1,6 +1,6 @@
-"""The CPU causal attention used under train.compile (flash forward, compiled blockwise backward) against
-PyTorch's attention in float64: outputs and q/k/v gradients, fp32 and bf16, a sequence that is not a multiple
-of the query block."""
+"""megacrystal's CPU causal attention against PyTorch's attention in float64: outputs and q/k/v gradients, a
+sequence that is not a multiple of the query block. Under train.compile (flash forward, compiled blockwise
+backward) in fp32 and bf16; eager fp32 (blockwise, keeping the probabilities)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,8 +12,9 @@ def _relative_error(ours, reference):
     return ((ours.double() - reference).norm() / reference.norm()).item()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_blockwise_backward_matches_float64_attention(dtype):
+@pytest.mark.parametrize("dtype, path", [(torch.float32, "compiled"), (torch.bfloat16, "compiled"),
+                                           (torch.float32, "keeping_probabilities")])
+def test_cpu_attention_matches_float64_attention(dtype, path):
     gen = torch.Generator().manual_seed(0)
     b, heads, s, d = 2, 3, attention.QUERY_BLOCK + 37, 16
     q, k, v = (torch.randn(b, heads, s, d, generator=gen).to(dtype) for _ in range(3))
@@ -26,7 +27,11 @@ def test_compiled_blockwise_backward_matches_float64_attention(dtype):
     kernel = [t.clone().requires_grad_() for t in (q, k, v)]  # PyTorch's own CPU kernel: the error to match
     F.scaled_dot_product_attention(*kernel, is_causal=True, scale=scale).backward(grad_out)
     ours = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = attention.causal_attention_cpu(*ours, scale)
+    if path == "compiled":
+        out = attention.causal_attention_cpu(*ours, scale)
+    else:
+        assert attention.keeps_probabilities(q)
+        out = attention.causal_attention_keeping_probabilities(*ours, scale)
     out.backward(grad_out)
 
     assert out.dtype == dtype and _relative_error(out, exact_out) < (1e-6 if dtype == torch.float32 else 1e-2)
@@ -34,3 +39,17 @@ def test_compiled_blockwise_backward_matches_float64_attention(dtype):
         error, kernel_error = _relative_error(mine.grad, reference.grad), _relative_error(theirs.grad, reference.grad)
         assert mine.grad.dtype == dtype
         assert error <= max(2 * kernel_error, 1e-6), (name, error, kernel_error)
+
+
+def test_probabilities_kept_in_fp32_within_the_budget_only():
+    q = torch.empty(1, 2, attention.QUERY_BLOCK * 2, 8)
+    assert attention.keeps_probabilities(q) and not attention.keeps_probabilities(q.bfloat16())
+    kept = 2 * (attention.QUERY_BLOCK ** 2 + attention.QUERY_BLOCK * 2 * attention.QUERY_BLOCK) * 4
+    budget = attention.PROBABILITY_BUDGET
+    try:
+        attention.PROBABILITY_BUDGET = kept
+        assert attention.keeps_probabilities(q)
+        attention.PROBABILITY_BUDGET = kept - 1
+        assert not attention.keeps_probabilities(q)
+    finally:
+        attention.PROBABILITY_BUDGET = budget
