@@ -8,6 +8,8 @@ forward hooks, so the stored weights stay exactly Crystal's.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
@@ -23,6 +25,7 @@ from .attention import CrystalCoreAttention
 from .cross_entropy import vocab_parallel_cross_entropy
 from .mlp import use_swiglu_mlp
 from .norm import CrystalLayerNorm
+from .rotary import RotaryEmbedding
 from .vocab import use_vocab_layers
 
 
@@ -71,13 +74,15 @@ def transformer_config(model: ModelSection, parallel: ParallelSection, precision
     )
 
 
-def block_spec(config: TransformerConfig, vp_stage: int | None) -> TransformerBlockSubmodules:
+def block_spec(config: TransformerConfig, model: ModelSection, vp_stage: int | None) -> TransformerBlockSubmodules:
     """megatron's local layer spec with Crystal's LayerNorm for both per-layer norms and the final norm, the
     causal attention core of model/attention.py (the MLP becomes model/mlp.py's in CrystalGPTModel)."""
     layer = get_gpt_layer_local_spec(normalization="LayerNorm")
     layer.submodules.input_layernorm = CrystalLayerNorm
     layer.submodules.pre_mlp_layernorm = CrystalLayerNorm
-    layer.submodules.self_attention.submodules.core_attention = CrystalCoreAttention
+    rotary = RotaryEmbedding(model.rotary_dim, model.rotary_base, model.rotary_interleaved)
+    layer.submodules.self_attention.submodules.core_attention = functools.partial(CrystalCoreAttention,
+                                                                                  rotary=rotary)
     layer.submodules.self_attention.submodules.linear_proj = CrystalRowParallelLinear
     layer.submodules.mlp.submodules.linear_fc2 = CrystalRowParallelLinear
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
@@ -147,15 +152,13 @@ def build_model_chunks(model: ModelSection, parallel: ParallelSection, precision
     for vp_stage in range(parallel.vpp) if parallel.vpp else [None]:
         chunks.append(CrystalGPTModel(
             config=config,
-            transformer_layer_spec=block_spec(config, vp_stage),
+            transformer_layer_spec=block_spec(config, model, vp_stage),
             vocab_size=model.vocab_size,
             max_sequence_length=model.seq_length,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             share_embeddings_and_output_weights=True,
-            position_embedding_type="rope",
-            rotary_percent=model.rotary_percent,
-            rotary_base=int(model.rotary_base),
+            position_embedding_type="none",  # the attention core applies the rotary embedding (model/rotary.py)
             vp_stage=vp_stage,
             embeddings_scale=model.embeddings_scale,
             output_logits_scale=model.output_logits_scale,
