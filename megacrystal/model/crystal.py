@@ -3,8 +3,9 @@
 Crystal (crystal-spec §1.2) is a pre-LN decoder: LayerNorm with bias, SwiGLU `up * silu(gate)` with biases,
 rotary position embedding on the first 25% of each head in the interleaved (GPT-J) layout, attention scores
 divided by head_dim (muP), embeddings x 14.6 and logits x 0.13875, tied input/output embeddings, no output bias,
-no dropout. Everything except the two muP multipliers is a megatron-core config option; the multipliers are
-forward hooks, so the stored weights stay exactly Crystal's.
+no dropout. The rest is megatron-core config options, except: the two muP multipliers are forward hooks, so
+the stored weights stay exactly Crystal's; the rotary embedding is applied by the attention core
+(model/rotary.py), so GPTModel is built without one.
 """
 from __future__ import annotations
 
