@@ -1,12 +1,15 @@
-"""Crystal's core attention through PyTorch's fused scaled_dot_product_attention.
+"""Crystal's core attention: causal softmax(q k^T / head_dim) v without megatron's unfused score tensor.
 
 megatron's local DotProductAttention materialises the [b, heads, s, s] scores (baddbmm, a causal masked_fill,
-an fp32 softmax with casts there and back, bmm). SDPA computes the same causal softmax(q k^T * scale) v with
-fp32 accumulation in one kernel, without the score tensor: measured on 2 CPU cores at the small shape
-(b 4, 8 heads, s 512, head 64), forward + backward per layer 38 ms against 64 ms in fp32 and 29 ms against 40 ms
-in bf16; on a GPU it takes the flash kernel. The constructor (heads per TP partition, Crystal's 1/head_dim scale)
-is megatron's; only the math of forward changes. Under train.compile on a CPU the backward is megacrystal's own
-(below): batched GEMMs plus one inductor kernel instead of the CPU flash kernel's many small GEMMs.
+an fp32 softmax with casts there and back, bmm). Here, by case (measured on 2 CPU cores at the small shape,
+b 4, 8 heads, s 512, head 64, forward + backward per layer):
+- fp32 on a CPU: blockwise batched GEMMs that keep the probabilities (below), 19-25 ms against 38-41 ms for
+  PyTorch's CPU flash kernel and 64 ms for megatron's;
+- under train.compile on a CPU: the flash forward and a compiled blockwise backward behind an opaque custom op
+  (below), so the compiled layer stays one graph: 23 ms against 29 ms for the flash kernel in bf16;
+- otherwise (bf16 eager, a GPU) PyTorch's fused scaled_dot_product_attention (the flash kernel on a GPU).
+The constructor (heads per TP partition, Crystal's 1/head_dim scale) is megatron's; anything but Crystal's
+case (an explicit mask, dropout, ...) goes to megatron's own forward.
 """
 from __future__ import annotations
 
@@ -152,7 +155,7 @@ _compiled_backward = torch.compile(causal_attention_backward, dynamic=False)  # 
 # the causal triangle masked on the diagonal block only, softmax in place, and the probabilities kept for
 # backward, which is then four batched GEMMs and one softmax-backward kernel per block, no exp recomputed
 # (measured 7.5 + 18 ms). The cost is the probabilities' memory, about b x heads x s^2 / 2 fp32 values per layer
-# (what megatron's own attention keeps, and half of it): used up to PROBABILITY_BUDGET bytes per layer.
+# (megatron's own attention keeps all s^2): used up to PROBABILITY_BUDGET bytes per layer, else the flash kernel.
 
 PROBABILITY_BUDGET = 2**28  # bytes per layer (256 MiB: the small shape keeps 21 MiB)
 
@@ -161,12 +164,25 @@ def _query_blocks(s: int, block: int = QUERY_BLOCK):
     return [(start, min(start + block, s)) for start in range(0, s, block)]
 
 
+def _kept_values(batch_heads: int, s: int) -> int:
+    return batch_heads * sum((end - start) * end for start, end in _query_blocks(s))
+
+
+def _probability_blocks(probs: torch.Tensor, batch_heads: int, s: int):
+    """(start, end, the [b x heads, end - start, end] probabilities of queries start..end-1) per query block."""
+    offset = 0
+    for start, end in _query_blocks(s):
+        size = batch_heads * (end - start) * end
+        yield start, end, probs[offset:offset + size].view(batch_heads, end - start, end)
+        offset += size
+
+
 def keeps_probabilities(q: torch.Tensor) -> bool:
     """Whether causal_attention_keeping_probabilities serves these [b, heads, s, d] queries: fp32 on a CPU,
     the kept probabilities within the budget."""
     b, h, s, _ = q.shape
-    kept = b * h * sum((end - start) * end for start, end in _query_blocks(s)) * 4
-    return q.dtype == torch.float32 and q.device.type == "cpu" and kept <= PROBABILITY_BUDGET
+    return (q.dtype == torch.float32 and q.device.type == "cpu"
+            and _kept_values(b * h, s) * q.element_size() <= PROBABILITY_BUDGET)
 
 
 class _AttentionKeepingProbabilities(torch.autograd.Function):
@@ -178,16 +194,12 @@ class _AttentionKeepingProbabilities(torch.autograd.Function):
         q = (q * scale).reshape(b * h, s, d)  # scaling q (s x d) is cheaper than scaling the scores (s x s)
         k, v = k.reshape(b * h, s, d), v.reshape(b * h, s, d)
         keys_t = k.transpose(1, 2).contiguous()
-        blocks = _query_blocks(s)
-        probs = q.new_empty(b * h * sum((end - start) * end for start, end in blocks))
+        probs = q.new_empty(_kept_values(b * h, s))
         above_diagonal = torch.full((QUERY_BLOCK, QUERY_BLOCK), float("-inf"), device=q.device).triu_(1)
-        out, offset = [], 0
-        for start, end in blocks:
-            rows = end - start
-            p = probs[offset:offset + b * h * rows * end].view(b * h, rows, end)
-            offset += p.numel()
+        out = []
+        for start, end, p in _probability_blocks(probs, b * h, s):
             torch.bmm(q[:, start:end], keys_t[:, :, :end], out=p)
-            p[:, :, start:end].add_(above_diagonal[:rows, :rows])
+            p[:, :, start:end].add_(above_diagonal[:end - start, :end - start])
             torch.ops.aten._softmax.out(p, -1, False, out=p)
             out.append(torch.bmm(p, v[:, :end]))
         ctx.save_for_backward(q, k, v, probs)
@@ -200,12 +212,9 @@ class _AttentionKeepingProbabilities(torch.autograd.Function):
         bh, s, d = q.shape
         grad_out = grad_out.reshape(bh, s, d)
         values_t = v.transpose(1, 2).contiguous()
-        grad_q, offset = [], 0
+        grad_q = []
         grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
-        for start, end in _query_blocks(s):
-            rows = end - start
-            p = probs[offset:offset + bh * rows * end].view(bh, rows, end)
-            offset += p.numel()
+        for start, end, p in _probability_blocks(probs, bh, s):
             grad_v[:, :end] += torch.bmm(p.transpose(1, 2), grad_out[:, start:end])
             grad_scores = torch.bmm(grad_out[:, start:end], values_t[:, :, :end])  # d probs, then in place
             torch.ops.aten._softmax_backward_data.out(grad_scores, p, -1, p.dtype, grad_input=grad_scores)
