@@ -41,8 +41,11 @@ def test_cpu_attention_matches_float64_attention(dtype, path):
         assert error <= max(2 * kernel_error, 1e-6), (name, error, kernel_error)
 
 
-def test_probabilities_kept_in_fp32_within_the_budget_only():
+def test_probabilities_kept_in_fp32_within_the_budget_by_a_rank_alone_on_its_host(monkeypatch):
     q = torch.empty(1, 2, attention.QUERY_BLOCK * 2, 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert not attention.keeps_probabilities(q)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert attention.keeps_probabilities(q) and not attention.keeps_probabilities(q.bfloat16())
     kept = 2 * (attention.QUERY_BLOCK ** 2 + attention.QUERY_BLOCK * 2 * attention.QUERY_BLOCK) * 4
     budget = attention.PROBABILITY_BUDGET
