@@ -4,7 +4,8 @@ megatron's MLP (without its apex-era fusion) runs the gated unit as `torch.chunk
 silu(gate) * (up + glu_linear_offset): an extra pass for the 0.0 offset, and autograd's backward for the chunk
 is a `torch.cat` of the two halves' gradients, a full copy of the widest activation. Here the gradient of
 [gate; up] is written in one tensor, half by half, from the saved silu(gate): on 2 CPU cores at the small shape
-~6 ms less per layer in fp32, eager. Same parameters, same math; anything but Crystal's case goes to megatron's forward.
+~6 ms less per layer in fp32, eager. Same parameters, same math; anything but Crystal's case goes to megatron's
+forward.
 """
 from __future__ import annotations
 
