@@ -41,18 +41,15 @@ def test_cpu_attention_matches_float64_attention(dtype, path):
         assert error <= max(2 * kernel_error, 1e-6), (name, error, kernel_error)
 
 
-def test_probabilities_kept_in_fp32_within_the_budget_by_a_rank_alone_on_its_host(monkeypatch):
+def test_probabilities_kept_in_fp32_within_the_budget_in_a_one_process_run(monkeypatch):
     q = torch.empty(1, 2, attention.QUERY_BLOCK * 2, 8)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(attention.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(attention.dist, "get_world_size", lambda: 2)
     assert not attention.keeps_probabilities(q)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(attention.dist, "get_world_size", lambda: 1)
     assert attention.keeps_probabilities(q) and not attention.keeps_probabilities(q.bfloat16())
     kept = 2 * (attention.QUERY_BLOCK ** 2 + attention.QUERY_BLOCK * 2 * attention.QUERY_BLOCK) * 4
-    budget = attention.PROBABILITY_BUDGET
-    try:
-        attention.PROBABILITY_BUDGET = kept
-        assert attention.keeps_probabilities(q)
-        attention.PROBABILITY_BUDGET = kept - 1
-        assert not attention.keeps_probabilities(q)
-    finally:
-        attention.PROBABILITY_BUDGET = budget
+    monkeypatch.setattr(attention, "PROBABILITY_BUDGET", kept)
+    assert attention.keeps_probabilities(q)
+    monkeypatch.setattr(attention, "PROBABILITY_BUDGET", kept - 1)
+    assert not attention.keeps_probabilities(q)
