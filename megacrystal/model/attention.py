@@ -52,9 +52,10 @@ class CrystalCoreAttention(DotProductAttention):
             query, key, value = (t.permute(2, 0, 1, 3) for t in (q, k, v))
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
                                    packed_seq_params)
-        if q.device.type == "cpu" and k.shape[1] == q.shape[1] and self.compiled_backward:
+        ours = q.device.type == "cpu" and k.shape[1] == q.shape[1]  # on a CPU, without grouped-query attention
+        if ours and self.compiled_backward:
             context = causal_attention_cpu(q, k, v, self.softmax_scale)
-        elif q.device.type == "cpu" and k.shape[1] == q.shape[1] and keeps_probabilities(q):
+        elif ours and keeps_probabilities(q):
             context = causal_attention_keeping_probabilities(q, k, v, self.softmax_scale)
         else:
             context = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,

@@ -31,10 +31,11 @@ def _turned(x: torch.Tensor, angles: torch.Tensor, interleaved: bool, sign: floa
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
 
-def _rotate(x: torch.Tensor, out: torch.Tensor, angles: torch.Tensor, interleaved: bool, sign: float) -> None:
-    """out[..., :r] = x[..., :r] turned by sign x angles; x and out are [s, b, heads, d] (views). Eager, the
+def _write_rotated(x: torch.Tensor, out: torch.Tensor, angles: torch.Tensor, interleaved: bool, sign: float) -> None:
+    """out = x with its first r dims turned by sign x angles; x and out are [s, b, heads, d] (views). Eager, the
     interleaved pairs are one complex multiply (the real arithmetic is six strided kernels)."""
     r = 2 * angles.shape[-1]
+    out[..., r:].copy_(x[..., r:])
     if interleaved:
         pairs = torch.view_as_complex(x[..., :r].float().unflatten(-1, (r // 2, 2)).contiguous())
         turn = torch.polar(torch.ones_like(angles), sign * angles)[:, None, None, :]
@@ -48,9 +49,7 @@ class _RotaryToHeadsFirst(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, angles: torch.Tensor, interleaved: bool) -> torch.Tensor:
         s, b, h, d = x.shape
         out = x.new_empty(b, h, s, d)
-        out_sbhd = out.permute(2, 0, 1, 3)
-        out_sbhd[..., 2 * angles.shape[-1]:].copy_(x[..., 2 * angles.shape[-1]:])
-        _rotate(x, out_sbhd, angles, interleaved, 1.0)
+        _write_rotated(x, out.permute(2, 0, 1, 3), angles, interleaved, 1.0)
         ctx.save_for_backward(angles)
         ctx.interleaved = interleaved
         return out
@@ -58,10 +57,10 @@ class _RotaryToHeadsFirst(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (angles,) = ctx.saved_tensors
-        grad_sbhd = grad.permute(2, 0, 1, 3)
-        grad_x = torch.empty_like(grad_sbhd, memory_format=torch.contiguous_format)
-        grad_x[..., 2 * angles.shape[-1]:].copy_(grad_sbhd[..., 2 * angles.shape[-1]:])
-        _rotate(grad_sbhd, grad_x, angles, ctx.interleaved, -1.0)  # a rotation's transpose turns back
+        b, h, s, d = grad.shape
+        grad_x = grad.new_empty(s, b, h, d)
+        # a rotation's transpose turns back
+        _write_rotated(grad.permute(2, 0, 1, 3), grad_x, angles, ctx.interleaved, -1.0)
         return grad_x, None, None
 
 
