@@ -41,12 +41,8 @@ def test_cpu_attention_matches_float64_attention(dtype, path):
         assert error <= max(2 * kernel_error, 1e-6), (name, error, kernel_error)
 
 
-def test_probabilities_kept_in_fp32_within_the_budget_in_a_one_process_run(monkeypatch):
+def test_probabilities_kept_in_fp32_within_the_budget(monkeypatch):
     q = torch.empty(1, 2, attention.QUERY_BLOCK * 2, 8)
-    monkeypatch.setattr(attention.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(attention.dist, "get_world_size", lambda: 2)
-    assert not attention.keeps_probabilities(q)
-    monkeypatch.setattr(attention.dist, "get_world_size", lambda: 1)
     assert attention.keeps_probabilities(q) and not attention.keeps_probabilities(q.bfloat16())
     kept = 2 * (attention.QUERY_BLOCK ** 2 + attention.QUERY_BLOCK * 2 * attention.QUERY_BLOCK) * 4
     monkeypatch.setattr(attention, "PROBABILITY_BUDGET", kept)
