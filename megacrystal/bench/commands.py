@@ -13,6 +13,9 @@ def register(subparsers) -> None:
     bench.add_argument("--sweep", help="measure these points, e.g. 'dp=1,2;tp=1,2;pp=1,2;mbs=1,4'")
     bench.add_argument("--steps", type=int, default=20, help="steps per point (default 20)")
     bench.add_argument("--warmup", type=int, default=5, help="first steps not timed (default 5)")
+    bench.add_argument("--repeat", type=int, default=1, metavar="N",
+                       help="run the sweep N times, every point once per round, and pool each point's timed steps; "
+                            "a host whose speed drifts then moves all points alike (default 1)")
     bench.add_argument("--out", help="report directory (with --sweep)")
     bench.add_argument("--data", choices=("synthetic", "config"), default="synthetic",
                        help="what the points train on: the synthetic stream (default; no files, no phases) or the "
@@ -91,6 +94,8 @@ def run(args) -> int:
         raise ConfigError("bench: give --sweep and --out to measure, or --predict to model a cluster")
     if args.steps <= args.warmup + 2:
         raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup} by at least 3")
+    if args.repeat < 1 or (args.repeat > 1 and args.slurm):
+        raise ConfigError(f"--repeat {args.repeat}: give 1 or more rounds (and 1 with --slurm)")
     from . import slurm
 
     points = sweep.plan_points(sweep.parse_sweep(args.sweep), slurm.procs_per_node(args))
@@ -116,19 +121,27 @@ def run(args) -> int:
     jobs = slurm.plan_jobs(args, points, lr, out, phase) if args.slurm else []  # all checked before any is submitted
     if jobs:
         slurm.run_jobs(jobs, report.command_line())
-    measured, baselines = [], {}
-    for i, point in enumerate(points, 1):
-        print(f"[{i}/{len(points)}] {point.name}: {point.world_size} rank(s), {args.steps} steps", flush=True)
-        run_dir = jobs[i - 1].run_dir if jobs else sweep.run_point(
-            args.config, sum((["--set", o] for o in args.overrides), []), point, args.steps, lr, out, phase)
-        point.measured = sweep.measure(run_dir, args.warmup)
-        print(f"    {point.measured['tokens_per_s']:,.0f} tokens/s, step {point.measured['step_time_s']:.3f} s",
-              flush=True)
+    run_dirs: dict[str, list[Path]] = {point.name: [] for point in points}
+    baselines = {}
+    for round_index in range(1, args.repeat + 1):
+        round_name = f"round{round_index}" if args.repeat > 1 else ""
+        for i, point in enumerate(points, 1):
+            print(f"[{i}/{len(points)}{f', round {round_index}/{args.repeat}' if round_name else ''}] "
+                  f"{point.name}: {point.world_size} rank(s), {args.steps} steps", flush=True)
+            run_dir = jobs[i - 1].run_dir if jobs else sweep.run_point(
+                args.config, sum((["--set", o] for o in args.overrides), []), point, args.steps, lr, out, phase,
+                round_name)
+            run_dirs[point.name].append(run_dir)
+            this_run = sweep.measure([run_dir], args.warmup)
+            print(f"    {this_run['tokens_per_s']:,.0f} tokens/s, step {this_run['step_time_s']:.3f} s", flush=True)
+            # The baseline runs on this host (so never beside points that ran on a cluster's nodes), right after
+            # the first point it compares with: a CPU's speed drifts over minutes, the comparison should not.
+            if not (args.no_baseline or jobs) and point.world_size == 1:
+                _measure_baseline(config, point.settings, args, baselines)
+    measured = []
+    for point in points:
+        point.measured = sweep.measure(run_dirs[point.name], args.warmup)
         measured.append(sweep.as_dict(point))
-        # The baseline runs on this host (so never beside points that ran on a cluster's nodes), right after the
-        # first point it compares with: a CPU's speed drifts over minutes, the comparison should not.
-        if not (args.no_baseline or jobs) and point.world_size == 1:
-            _measure_baseline(config, point.settings, args, baselines)
     rows = report.summarize(measured, flops_per_token(config.model), peak_for)
     for row in rows:
         key = _baseline_key(config, row["settings"])
@@ -137,6 +150,7 @@ def run(args) -> int:
             row["step_time_vs_baseline"] = row["measured"]["step_time_s"] / baselines[key]["step_time_s"]
     env = report.environment({f"{t} threads {p}": v for (t, p), v in cpu_peaks.items()} or "device table")
     meta = {"config": args.config, "sweep": args.sweep, "steps": args.steps, "warmup": args.warmup,
+            "repeat": args.repeat,
             "data": {"bench": phase} if phase else "synthetic",
             "flops_per_token": flops_per_token(config.model), "command": report.command_line()}
     if jobs:

@@ -69,7 +69,7 @@ def run(args, config) -> int:
         dp1_dir = out / "network" / "dp1"
         _run_ranks([hosts[0].command([sys.executable, "-m", "megacrystal", "train", "--config", *base,
                                       *_run_dir(dp1_dir)])], dp1_dir, args.steps, args.warmup)
-        dp1 = sweep.measure(dp1_dir, args.warmup)
+        dp1 = sweep.measure([dp1_dir], args.warmup)
         peak = peaks.measure_cpu_peak_tflops(config.train.precision, threads=1)
         flops_per_step = _flops_per_step(config)
         efficiency = flops_per_step / (dp1["step_time_s"] * peak * 1e12)
@@ -152,7 +152,7 @@ def _dp2(hosts: list[netns.Host], base: list[str], run_dir: Path, args, port: in
                               str(port), *base[1:], *_run_dir(run_dir)])
                 for rank, host in enumerate(hosts)]
     wire = _run_ranks(commands, run_dir, args.steps, args.warmup, hosts if rate else None, expected_step_s)
-    measured = sweep.measure(run_dir, args.warmup)
+    measured = sweep.measure([run_dir], args.warmup)
     if wire:
         measured.update(wire)
     return measured

@@ -83,6 +83,13 @@ def _without(settings: dict, *keys: str) -> dict:
     return {key: value for key, value in settings.items() if key not in keys}
 
 
+def _rounds_text(repeat: int) -> str:
+    if repeat == 1:
+        return ""
+    return (f" The sweep ran {repeat} times, every point once per round, and each point's timed steps of all "
+            "rounds are pooled: a drift of the host's speed moves all points alike.")
+
+
 def write_report(out: Path, rows: list[dict], env: dict, meta: dict) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps({"environment": env, **meta, "points": rows}, indent=1))
@@ -90,7 +97,8 @@ def write_report(out: Path, rows: list[dict], env: dict, meta: dict) -> list[Pat
              f"Device: {env['device']} ({env['cores']} cores); torch {env['torch']}; network: {env['network']}.",
              f"FLOPs per token: {meta['flops_per_token']:.4g} (6N matmuls + tied head once + 12 L h S attention). "
              f"Steps: {meta['steps']} per point, the first {meta['warmup']} not timed; step time is the median "
-             f"(p10-p90 shown).", "", f"Data: {_describe_data(meta.get('data', 'synthetic'))}.", "",
+             f"(p10-p90 shown).{_rounds_text(meta.get('repeat', 1))}", "",
+             f"Data: {_describe_data(meta.get('data', 'synthetic'))}.", "",
              "| point | devices | step s (p10-p90) | tokens/s | tokens/s/device | TFLOP/s/device | peak | MFU | "
              "scaling eff. | peak mem MB | data+log | first step s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -107,6 +115,9 @@ def write_report(out: Path, rows: list[dict], env: dict, meta: dict) -> list[Pat
               "per rank; 'oversubscribed' marks points with more ranks than cores, whose numbers say little. "
               "data+log: median data loading plus metrics/progress writing as a share of a step. first step: "
               "warm-up, including torch.compile's compile time (or its on-disk cache load) for compile=true points."]
+    if meta.get("repeat", 1) > 1:
+        lines += ["", "Median step time of each round, s: " + "; ".join(
+            f"{r['name']} " + ", ".join(f"{t:.3f}" for t in r["measured"]["round_step_times_s"]) for r in rows) + "."]
     lines += _precision_lines(rows)
     if meta.get("baselines"):
         lines += ["", "Plain-PyTorch eager baseline (the same model math, `bench/baseline.py`), one process:", "",

@@ -97,9 +97,10 @@ def overrides_for(point: Point, steps: int, lr: float, phase: dict | None = None
 
 
 def run_point(config_path: str, base_overrides: list[str], point: Point, steps: int, lr: float, out: Path,
-              phase: dict | None = None) -> Path:
-    """Run one point with torchrun (or one process); return its run directory."""
-    run_dir = out / "points" / point.name
+              phase: dict | None = None, round_name: str = "") -> Path:
+    """Run one point with torchrun (or one process); return its run directory (`round_name` below the point's
+    directory when the sweep repeats)."""
+    run_dir = out / "points" / point.name / round_name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(point.world_size),
            "-m", "megacrystal", "train"] if point.world_size > 1 else [sys.executable, "-m", "megacrystal", "train"]
     cmd += ["--config", config_path, "--resume", "none", *base_overrides, *overrides_for(point, steps, lr, phase),
@@ -112,25 +113,28 @@ def run_point(config_path: str, base_overrides: list[str], point: Point, steps: 
     return run_dir
 
 
-def measure(run_dir: Path, warmup: int) -> dict:
-    """Step-time statistics after `warmup` steps, from the run's metrics.jsonl."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    timed = records[warmup:]
-    if len(timed) < 3:
-        raise ConfigError(f"{run_dir}: only {len(timed)} steps after warm-up; raise --steps")
+def measure(run_dirs: list[Path], warmup: int) -> dict:
+    """Step-time statistics after `warmup` steps, from the metrics.jsonl of one point's runs (one per round),
+    their timed steps pooled."""
+    runs = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in run_dirs]
+    for run_dir, records in zip(run_dirs, runs):
+        if len(records) - warmup < 3:
+            raise ConfigError(f"{run_dir}: only {len(records) - warmup} steps after warm-up; raise --steps")
+    records, timed = runs[0], [r for records in runs for r in records[warmup:]]
     times = sorted(r["step_time_s"] for r in timed)
     tokens = records[0]["tokens"]  # cumulative after the first step = tokens per step
     median = statistics.median(times)
     return {
         "steps_timed": len(timed),
+        "round_step_times_s": [statistics.median(r["step_time_s"] for r in records[warmup:]) for records in runs],
         "first_step_s": records[0]["step_time_s"],  # includes torch.compile's compile (or cache load) time
         "step_time_s": median,
         "step_time_p10_s": times[len(times) // 10],
         "step_time_p90_s": times[min(len(times) - 1, (9 * len(times)) // 10)],
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / median,
-        "loss_last": timed[-1]["loss"],
-        "memory_mb": max((r.get("memory_mb") or 0) for r in records) or None,
+        "loss_last": records[-1]["loss"],  # the first round's: every round trains the same steps
+        "memory_mb": max((r.get("memory_mb") or 0) for records in runs for r in records) or None,
         # data loading (inside the step) and metrics/progress writing (between steps), as a share of the step
         "data_and_log_share": (statistics.median(r.get("data_time_s", 0.0) for r in timed)
                                + statistics.median(r.get("log_time_s", 0.0) for r in timed))

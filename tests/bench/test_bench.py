@@ -25,6 +25,18 @@ def test_bad_sweeps_are_one_line_errors(spec):
         parse_sweep(spec)
 
 
+@pytest.mark.parametrize("repeat", ["0", "-1"])
+def test_bad_repeat_is_a_one_line_error(repeat, synthetic_config, tmp_path, capsys):
+    from megacrystal.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--config", str(synthetic_config), "--sweep", "dp=1", "--repeat", repeat,
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"megacrystal: error: --repeat {repeat}: give 1 or more"), err
+    assert not out.exists()
+
+
 def test_dense_peaks_by_device_name():
     assert device_peak_tflops("NVIDIA H100 80GB HBM3 SXM", "bf16") == 989.0
     assert device_peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
@@ -32,24 +44,34 @@ def test_dense_peaks_by_device_name():
 
 
 @pytest.mark.slow
-def test_two_point_sweep_writes_report_and_plots(synthetic_config, tmp_path):
+def test_two_point_sweep_in_two_rounds_writes_report_and_plots(synthetic_config, tmp_path):
     out = subprocess.run([sys.executable, "-m", "megacrystal", "bench", "--config", str(synthetic_config),
-                          "--sweep", "dp=1,2", "--steps", "8", "--warmup", "3", "--out", str(tmp_path)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+                          "--sweep", "dp=1,2", "--steps", "8", "--warmup", "3", "--repeat", "2",
+                          "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert [p["name"] for p in report["points"]] == ["dp1", "dp2"]
     assert report["command"].startswith("megacrystal bench --config ")  # no machine-specific script path
     for point in report["points"]:
-        assert point["tokens_per_s"] > 0 and 0 < point["mfu"] < 1 and point["measured"]["steps_timed"] == 5
+        assert point["tokens_per_s"] > 0 and 0 < point["mfu"] < 1
         assert 0 < point["measured"]["data_and_log_share"] < 1
+        # both rounds' timed steps pooled: the point's median lies between the rounds' medians
+        rounds = point["measured"]["round_step_times_s"]
+        assert point["measured"]["steps_timed"] == 10 and len(rounds) == 2
+        assert min(rounds) <= point["measured"]["step_time_s"] <= max(rounds)
+        for round_dir in ("round1", "round2"):
+            assert (tmp_path / "points" / point["name"] / round_dir / "metrics.jsonl").exists()
+    # rounds interleave the points (a drifting host moves both alike); the baseline runs once
+    order = [out.stdout.index(f"[{i}/2, round {r}/2]") for r, i in ((1, 1), (1, 2), (2, 1), (2, 2))]
+    assert order == sorted(order) and out.stdout.count("baseline (plain PyTorch eager)") == 1
+    assert "Median step time of each round" in (tmp_path / "report.md").read_text()
     assert report["points"][0]["scaling_efficiency"] == 1.0
     assert "| dp2 | 2 |" in (tmp_path / "report.md").read_text()
     baseline = report["baselines"]["mbs2_fp32"]
     assert baseline["step_time_s"] > 0 and report["points"][0]["step_time_vs_baseline"] > 0
     assert "Plain-PyTorch eager baseline" in (tmp_path / "report.md").read_text()
     # measured right after the point it is compared with, not after the whole sweep (CPU speed drifts)
-    assert out.stdout.index("[1/2]") < out.stdout.index("baseline (plain PyTorch eager)") < out.stdout.index("[2/2]")
+    assert order[0] < out.stdout.index("baseline (plain PyTorch eager)") < order[1]
     assert (tmp_path / "throughput.png").stat().st_size > 0 and (tmp_path / "mfu.png").stat().st_size > 0
 
 
