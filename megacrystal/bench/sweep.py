@@ -117,16 +117,16 @@ def measure(run_dirs: list[Path], warmup: int) -> dict:
     """Step-time statistics after `warmup` steps, from the metrics.jsonl of one point's runs (one per round),
     their timed steps pooled."""
     runs = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in run_dirs]
-    for run_dir, records in zip(run_dirs, runs):
-        if len(records) - warmup < 3:
-            raise ConfigError(f"{run_dir}: only {len(records) - warmup} steps after warm-up; raise --steps")
-    records, timed = runs[0], [r for records in runs for r in records[warmup:]]
+    for run_dir, run in zip(run_dirs, runs):
+        if len(run) - warmup < 3:
+            raise ConfigError(f"{run_dir}: only {len(run) - warmup} steps after warm-up; raise --steps")
+    records, timed = runs[0], [r for run in runs for r in run[warmup:]]
     times = sorted(r["step_time_s"] for r in timed)
     tokens = records[0]["tokens"]  # cumulative after the first step = tokens per step
     median = statistics.median(times)
     return {
         "steps_timed": len(timed),
-        "round_step_times_s": [statistics.median(r["step_time_s"] for r in records[warmup:]) for records in runs],
+        "round_step_times_s": [statistics.median(r["step_time_s"] for r in run[warmup:]) for run in runs],
         "first_step_s": records[0]["step_time_s"],  # includes torch.compile's compile (or cache load) time
         "step_time_s": median,
         "step_time_p10_s": times[len(times) // 10],
@@ -134,7 +134,7 @@ def measure(run_dirs: list[Path], warmup: int) -> dict:
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / median,
         "loss_last": records[-1]["loss"],  # the first round's: every round trains the same steps
-        "memory_mb": max((r.get("memory_mb") or 0) for records in runs for r in records) or None,
+        "memory_mb": max((r.get("memory_mb") or 0) for run in runs for r in run) or None,
         # data loading (inside the step) and metrics/progress writing (between steps), as a share of the step
         "data_and_log_share": (statistics.median(r.get("data_time_s", 0.0) for r in timed)
                                + statistics.median(r.get("log_time_s", 0.0) for r in timed))
