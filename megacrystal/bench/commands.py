@@ -121,6 +121,7 @@ def run(args) -> int:
     jobs = slurm.plan_jobs(args, points, lr, out, phase) if args.slurm else []  # all checked before any is submitted
     if jobs:
         slurm.run_jobs(jobs, report.command_line())
+    overrides = sum((["--set", o] for o in args.overrides), [])
     run_dirs: dict[str, list[Path]] = {point.name: [] for point in points}
     baselines = {}
     for round_index in range(1, args.repeat + 1):
@@ -129,8 +130,7 @@ def run(args) -> int:
             print(f"[{i}/{len(points)}{f', round {round_index}/{args.repeat}' if round_name else ''}] "
                   f"{point.name}: {point.world_size} rank(s), {args.steps} steps", flush=True)
             run_dir = jobs[i - 1].run_dir if jobs else sweep.run_point(
-                args.config, sum((["--set", o] for o in args.overrides), []), point, args.steps, lr, out, phase,
-                round_name)
+                args.config, overrides, point, args.steps, lr, out, phase, round_name)
             run_dirs[point.name].append(run_dir)
             this_run = sweep.measure([run_dir], args.warmup)
             print(f"    {this_run['tokens_per_s']:,.0f} tokens/s, step {this_run['step_time_s']:.3f} s", flush=True)

@@ -105,7 +105,8 @@ def write_report(out: Path, rows: list[dict], env: dict, meta: dict) -> list[Pat
         m = r["measured"]
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         peak = f"{r['peak_tflops_per_device']:.3f}" if r["peak_tflops_per_device"] else "n/a"
-        lines.append(f"| {r['name']}{' (oversubscribed)' if r['oversubscribed'] else ''} | {r['world_size']} | {m['step_time_s']:.3f} ({m['step_time_p10_s']:.3f}-"
+        name = f"{r['name']}{' (oversubscribed)' if r['oversubscribed'] else ''}"
+        lines.append(f"| {name} | {r['world_size']} | {m['step_time_s']:.3f} ({m['step_time_p10_s']:.3f}-"
                      f"{m['step_time_p90_s']:.3f}) | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_device']:,.0f} | "
                      f"{r['tflops_per_device']:.4f} | {peak} | {mfu} | {r['scaling_efficiency']:.2f} | "
                      f"{m['memory_mb'] or 0:,.0f} | {100 * m.get('data_and_log_share', 0.0):.1f}% | "
