@@ -16,6 +16,10 @@ def register(subparsers) -> None:
     bench.add_argument("--repeat", type=int, default=1, metavar="N",
                        help="run the sweep N times, every point once per round, and pool each point's timed steps; "
                             "a host whose speed drifts then moves all points alike (default 1)")
+    bench.add_argument("--host-ceiling", action="store_true",
+                       help="also run W copies of the 1-process point at once (1/W of the batch each, no "
+                            "communication) for every W-rank point: the speed this host gives W processes, against "
+                            "which the report shows each point's parallel efficiency")
     bench.add_argument("--out", help="report directory (with --sweep)")
     bench.add_argument("--data", choices=("synthetic", "config"), default="synthetic",
                        help="what the points train on: the synthetic stream (default; no files, no phases) or the "
@@ -81,7 +85,7 @@ def run(args) -> int:
 
     from ..config import ConfigError, load_config
     from ..model.size import flops_per_token
-    from . import peaks, report, sweep
+    from . import ceiling, peaks, report, sweep
 
     config = load_config(args.config, args.overrides)
     if args.predict:
@@ -99,6 +103,9 @@ def run(args) -> int:
     from . import slurm
 
     points = sweep.plan_points(sweep.parse_sweep(args.sweep), slurm.procs_per_node(args))
+    global_batch = config.train.global_batch_size
+    ceiling_sizes = ceiling.world_sizes(points, global_batch, config.train.micro_batch_size, args.slurm) \
+        if args.host_ceiling else []
     # Points run on the synthetic stream (no data files, no phase boundaries) at the first phase's peak LR.
     lr = config.optim.lr or next(iter(config.data.phases.values())).lr.peak
     phase = sweep.data_phase(config, args.steps, lr) if args.data == "config" else None
@@ -123,6 +130,7 @@ def run(args) -> int:
         slurm.run_jobs(jobs, report.command_line())
     overrides = sum((["--set", o] for o in args.overrides), [])
     run_dirs: dict[str, list[Path]] = {point.name: [] for point in points}
+    ceiling_dirs: dict[int, list[list[Path]]] = {size: [[] for _ in range(size)] for size in ceiling_sizes}
     baselines = {}
     for round_index in range(1, args.repeat + 1):
         round_name = f"round{round_index}" if args.repeat > 1 else ""
@@ -138,11 +146,19 @@ def run(args) -> int:
             # the first point it compares with: a CPU's speed drifts over minutes, the comparison should not.
             if not (args.no_baseline or jobs) and point.world_size == 1:
                 _measure_baseline(config, point.settings, args, baselines)
+        for size in ceiling_sizes:
+            print(f"host ceiling: {size} copies of {ceiling.base_point(points).name} at once, {args.steps} steps", flush=True)
+            dirs = ceiling.run_copies(args.config, overrides, points, size, global_batch, args.steps, lr, out,
+                                      phase, round_name)
+            for copy_dirs, run_dir in zip(ceiling_dirs[size], dirs):
+                copy_dirs.append(run_dir)
     measured = []
     for point in points:
         point.measured = sweep.measure(run_dirs[point.name], args.warmup)
         measured.append(sweep.as_dict(point))
     rows = report.summarize(measured, flops_per_token(config.model), peak_for)
+    ceilings = {size: ceiling.measure(dirs, args.warmup) for size, dirs in ceiling_dirs.items()}
+    ceiling.summarize(rows, ceilings)
     for row in rows:
         key = _baseline_key(config, row["settings"])
         if row["world_size"] == 1 and key in baselines:
@@ -156,7 +172,7 @@ def run(args) -> int:
     if jobs:
         meta["slurm"] = slurm.meta(args, jobs)
         env["network"] = "SLURM: ranks on different nodes talk over the cluster's network"
-    for path in report.write_report(out, rows, env, {**meta, "baselines": baselines}):
+    for path in report.write_report(out, rows, env, {**meta, "baselines": baselines, "host_ceiling": ceilings}):
         print(path)
     return 0
 

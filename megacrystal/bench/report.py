@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .ceiling import markdown as ceiling_lines
+
 
 def environment(peaks: dict) -> dict:
     """What the numbers stand on: hardware, software, the peak used for MFU and the network behind them."""
@@ -120,6 +122,7 @@ def write_report(out: Path, rows: list[dict], env: dict, meta: dict) -> list[Pat
         lines += ["", "Median step time of each round, s: " + "; ".join(
             f"{r['name']} " + ", ".join(f"{t:.3f}" for t in r["measured"]["round_step_times_s"]) for r in rows) + "."]
     lines += _precision_lines(rows)
+    lines += ceiling_lines(rows, meta.get("host_ceiling") or {})
     if meta.get("baselines"):
         lines += ["", "Plain-PyTorch eager baseline (the same model math, `bench/baseline.py`), one process:", "",
                   "| baseline | step s | tokens/s | our 1-process point | ours / baseline step time |",
@@ -130,7 +133,7 @@ def write_report(out: Path, rows: list[dict], env: dict, meta: dict) -> list[Pat
                              f"{r['step_time_vs_baseline']:.2f} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     add_network_section(out)  # a `bench --link-rates` run into the same directory keeps its section
-    return [out / "report.json", out / "report.md", *_plots(out, rows)]
+    return [out / "report.json", out / "report.md", *_plots(out, rows, meta.get("host_ceiling") or {})]
 
 
 # --- `bench --link-rates` (bench/network.py) ----------------------------------------------------------------
@@ -157,7 +160,7 @@ def add_network_section(out: Path) -> None:
     summary.write_text(json.dumps({**data, "network": network}, indent=1))
 
 
-def _plots(out: Path, rows: list[dict]) -> list[Path]:
+def _plots(out: Path, rows: list[dict], ceilings: dict[int, dict]) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,6 +175,9 @@ def _plots(out: Path, rows: list[dict]) -> list[Path]:
     base = min(rows, key=lambda r: r["world_size"])
     xs = sorted(set(devices))
     ax.plot(xs, [base["tokens_per_s_per_device"] * x for x in xs], linestyle="--", color="grey", label="ideal")
+    if ceilings:
+        ax.scatter(list(ceilings), [c["tokens_per_s"] for c in ceilings.values()], marker="x", color="black",
+                   label="host ceiling (copies, no communication)")
     ax.set_xlabel("devices (ranks)")
     ax.set_ylabel("tokens/s")
     ax.set_title("Throughput against devices")

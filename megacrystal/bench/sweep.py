@@ -96,21 +96,46 @@ def overrides_for(point: Point, steps: int, lr: float, phase: dict | None = None
     return [a for s in sets for a in ("--set", s)]
 
 
-def run_point(config_path: str, base_overrides: list[str], point: Point, steps: int, lr: float, out: Path,
-              phase: dict | None = None, round_name: str = "") -> Path:
-    """Run one point with torchrun (or one process); return its run directory (`round_name` below the point's
-    directory when the sweep repeats)."""
+@dataclass
+class Started:
+    """A point's training process(es), running."""
+
+    point: Point
+    run_dir: Path
+    process: subprocess.Popen
+    log: Path
+
+
+def start_point(config_path: str, base_overrides: list[str], point: Point, steps: int, lr: float, out: Path,
+                phase: dict | None = None, round_name: str = "") -> Started:
+    """Start one point with torchrun (or one process) in `out`/points/<name>[/<round_name>], its output in a .log
+    file beside that directory."""
     run_dir = out / "points" / point.name / round_name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(point.world_size),
            "-m", "megacrystal", "train"] if point.world_size > 1 else [sys.executable, "-m", "megacrystal", "train"]
     cmd += ["--config", config_path, "--resume", "none", *base_overrides, *overrides_for(point, steps, lr, phase),
             "--set", f"run.dir={run_dir}", "--set", f"checkpoint.dir={run_dir}/checkpoints"]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // point.world_size))}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise ConfigError(f"bench point {point.name} failed (exit {done.returncode}): {tail[0]}")
-    return run_dir
+    log = run_dir.parent / f"{run_dir.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as output:
+        process = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, text=True, env=env)
+    return Started(point, run_dir, process, log)
+
+
+def finish_point(started: Started) -> Path:
+    """Wait for a started point; return its run directory, or raise with the last line it printed."""
+    code = started.process.wait()
+    if code != 0:
+        tail = started.log.read_text().strip().splitlines()[-1:] or ["no output"]
+        raise ConfigError(f"bench point {started.point.name} failed (exit {code}): {tail[0]} (log: {started.log})")
+    return started.run_dir
+
+
+def run_point(config_path: str, base_overrides: list[str], point: Point, steps: int, lr: float, out: Path,
+              phase: dict | None = None, round_name: str = "") -> Path:
+    """Run one point to the end; return its run directory."""
+    return finish_point(start_point(config_path, base_overrides, point, steps, lr, out, phase, round_name))
 
 
 def measure(run_dirs: list[Path], warmup: int) -> dict:

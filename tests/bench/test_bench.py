@@ -43,10 +43,33 @@ def test_dense_peaks_by_device_name():
     assert device_peak_tflops("Some Future GPU", "bf16") is None
 
 
+@pytest.mark.parametrize("args, error", [
+    (["--sweep", "tp=2"], "--host-ceiling: the sweep needs a 1-process point to copy"),
+    (["--sweep", "dp=1,2", "--set", "train.global_batch_size=6"],
+     "--host-ceiling: train.global_batch_size 6 does not split into 2 copies of whole micro-batches of 2"),
+])
+def test_bad_host_ceiling_is_a_one_line_error(args, error, synthetic_config, tmp_path, capsys):
+    from megacrystal.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--config", str(synthetic_config), "--host-ceiling", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"megacrystal: error: {error}"), err
+    assert not out.exists()
+
+
+def _rate(run_dirs: list[Path], warmup: int) -> float:
+    """tokens/s from metrics.jsonl files, computed here: tokens per step over the median timed step."""
+    import statistics
+
+    records = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in run_dirs]
+    return records[0][0]["tokens"] / statistics.median(r["step_time_s"] for run in records for r in run[warmup:])
+
+
 @pytest.mark.slow
 def test_two_point_sweep_in_two_rounds_writes_report_and_plots(synthetic_config, tmp_path):
     out = subprocess.run([sys.executable, "-m", "megacrystal", "bench", "--config", str(synthetic_config),
-                          "--sweep", "dp=1,2", "--steps", "8", "--warmup", "3", "--repeat", "2",
+                          "--sweep", "dp=1,2", "--steps", "8", "--warmup", "3", "--repeat", "2", "--host-ceiling",
                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "report.json").read_text())
@@ -73,6 +96,20 @@ def test_two_point_sweep_in_two_rounds_writes_report_and_plots(synthetic_config,
     # measured right after the point it is compared with, not after the whole sweep (CPU speed drifts)
     assert order[0] < out.stdout.index("baseline (plain PyTorch eager)") < order[1]
     assert (tmp_path / "throughput.png").stat().st_size > 0 and (tmp_path / "mfu.png").stat().st_size > 0
+    # host ceiling: two 1-process copies ran together in each round, each on half the batch, and their summed rate
+    # is the ceiling the dp2 point is set against
+    copies = [[tmp_path / "points" / f"ceiling2_copy{k}" / r for r in ("round1", "round2")] for k in (1, 2)]
+    for runs in copies:
+        for run in runs:
+            records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            assert records[0]["tokens"] == report["points"][1]["measured"]["tokens_per_step"] // 2
+    ceiling = report["host_ceiling"]["2"]
+    assert ceiling["tokens_per_s"] == pytest.approx(sum(_rate(runs, 3) for runs in copies))
+    assert ceiling["vs_ideal"] == pytest.approx(ceiling["tokens_per_s"] / (2 * report["points"][0]["tokens_per_s"]))
+    assert report["points"][1]["vs_host_ceiling"] == pytest.approx(
+        report["points"][1]["tokens_per_s"] / ceiling["tokens_per_s"])
+    assert out.stdout.index("[2/2, round 1/2]") < out.stdout.index("host ceiling: 2 copies of dp1") < order[2]
+    assert "| 2 | " in (tmp_path / "report.md").read_text().partition("Host ceiling")[2]
 
 
 def test_scaling_model_for_crystal_7b_by_hand():
