@@ -74,6 +74,9 @@ class ParallelSection(_Section):
     # megatron's default, max(40M, 1M x dp), which gives a small model a single bucket and nothing to overlap).
     overlap_grad_reduce: bool = False
     grad_bucket_size: Optional[int] = Field(None, gt=0)
+    # On a CPU with every data-parallel rank on one host: sum the gradients in shared memory after backward
+    # (distributed/shm_reduce.py) instead of gloo over TCP; overlap_grad_reduce then has nothing to overlap.
+    shared_memory_grad_reduce: bool = True
 
 
 class DeepSpeedSection(_Section):

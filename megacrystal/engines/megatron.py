@@ -11,6 +11,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..config import Config
+from ..distributed import shm_reduce
 from ..distributed.grad_buffer import write_first_gradients
 from ..distributed.runtime import Layout
 from ..model.crystal import build_model_chunks
@@ -32,10 +33,15 @@ class MegatronEngine:
         if layout.device.type == "cuda":  # built on the CPU (layout-independent init), trained on the GPU
             chunks = [chunk.cuda(layout.device) for chunk in chunks]
         self.tconfig = chunks[0].config
+        dp_group = ps.get_data_parallel_group(with_context_parallel=True)
+        grad_bytes = 4 * sum(p.numel() for chunk in chunks for p in chunk.parameters() if p.requires_grad)
+        self.shared_memory_grad_reduce = (
+            config.parallel.shared_memory_grad_reduce and layout.device.type == "cpu" and layout.dp > 1
+            and not config.parallel.distributed_optimizer and shm_reduce.usable(dp_group, grad_bytes))
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             use_distributed_optimizer=config.parallel.distributed_optimizer,
-            overlap_grad_reduce=config.parallel.overlap_grad_reduce,
+            overlap_grad_reduce=config.parallel.overlap_grad_reduce and not self.shared_memory_grad_reduce,
             bucket_size=config.parallel.grad_bucket_size,
             average_in_collective=False,  # required with per-token loss: grads are summed, then / tokens
         )
@@ -45,6 +51,8 @@ class MegatronEngine:
             for index, chunk in enumerate(chunks)
         ]
         for chunk in self.model:
+            if self.shared_memory_grad_reduce:
+                shm_reduce.reduce_through_shared_memory(chunk, dp_group)
             write_first_gradients(chunk)
         no_sync = [m.no_sync for m in self.model]
         self.tconfig.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]

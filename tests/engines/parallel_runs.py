@@ -4,7 +4,7 @@ from __future__ import annotations
 import tempfile
 
 from megacrystal.config import config_from_dict
-from megacrystal.distributed import cpu_compat
+from megacrystal.distributed import cpu_compat, shm_reduce
 from megacrystal.train.loop import train
 
 TINY = {
@@ -31,7 +31,11 @@ def losses_per_layout(layouts: dict[str, dict], without_cpu_config: tuple[str, .
     they are still needed.
     """
     results = {}
+    chunks_reduced_in_shm = []  # a spy: the real function runs, and each call is counted
+    original = shm_reduce.reduce_through_shared_memory
+    shm_reduce.reduce_through_shared_memory = lambda *args: (chunks_reduced_in_shm.append(1), original(*args))
     for name, overrides in layouts.items():
+        chunks_reduced_in_shm.clear()
         with tempfile.TemporaryDirectory() as run_dir:
             config = config_from_dict(_with({**overrides, "run.dir": run_dir}))
             saved = cpu_compat.transformer_config_overrides
@@ -41,5 +45,6 @@ def losses_per_layout(layouts: dict[str, dict], without_cpu_config: tuple[str, .
                 records = train(config)
             finally:
                 cpu_compat.transformer_config_overrides = saved
-        results[name] = {"loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records]}
+        results[name] = {"loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records],
+                         "shared_memory_grad_reduce": bool(chunks_reduced_in_shm)}
     return results

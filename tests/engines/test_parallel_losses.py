@@ -1,5 +1,5 @@
-"""TP, PP (1F1B and interleaved), SP and DP (with the distributed optimizer, and with the gradient all-reduce
-overlapping backward) reproduce the 1-process losses."""
+"""TP, PP (1F1B and interleaved), SP and DP (gradients summed in shared memory; by gloo, overlapping backward or
+not; reduce-scattered for the distributed optimizer) reproduce the 1-process losses."""
 import pytest
 import torch
 
@@ -15,11 +15,16 @@ ON_2_RANKS = {
     "tp2_sp": {"parallel.tp": 2, "parallel.sp": True},
     "dp2_distopt": {"parallel.distributed_optimizer": True},
     "pp2_vpp2": {"parallel.pp": 2, "parallel.vpp": 2},
-    # small buckets, so several all-reduces start during backward
-    "dp2_overlap": {"parallel.overlap_grad_reduce": True, "parallel.grad_bucket_size": 4000},
+    # gradients summed in shared memory after backward (the overlap asked for has nothing left to overlap)
+    "dp2": {"parallel.overlap_grad_reduce": True, "parallel.grad_bucket_size": 4000},
+    "dp2_gloo": {"parallel.shared_memory_grad_reduce": False},
+    # small buckets, so several gloo all-reduces start during backward
+    "dp2_overlap_gloo": {"parallel.overlap_grad_reduce": True, "parallel.grad_bucket_size": 4000,
+                         "parallel.shared_memory_grad_reduce": False},
 }
 ON_4_RANKS = {
     "tp2_pp2": {"parallel.tp": 2, "parallel.pp": 2},
+    "tp2_dp2": {"parallel.tp": 2},  # data-parallel groups of ranks {0, 2} and {1, 3}: two shared-memory files
     "tp2_sp_dp2_distopt": {"parallel.tp": 2, "parallel.sp": True, "parallel.distributed_optimizer": True},
     "pp2_dp2_overlap_distopt": {"parallel.pp": 2, "parallel.overlap_grad_reduce": True,
                                 "parallel.grad_bucket_size": 4000, "parallel.distributed_optimizer": True},
@@ -46,6 +51,13 @@ def test_layout_matches_single_process(runs, layout):
     assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5, abs=0)
     # Clipping is active at every step, so equal losses after step 1 also mean equal global grad norms.
     assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4, abs=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's reduce")
+def test_data_parallel_gradients_are_summed_in_shared_memory_unless_switched_off(runs):
+    used = {name for name, run in runs.items() if run.get("shared_memory_grad_reduce")}
+    # on: DP > 1 without the distributed optimizer (which reduce-scatters through gloo)
+    assert used == {"dp2", "tp2_dp2"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo-only workaround")
