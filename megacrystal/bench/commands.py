@@ -147,7 +147,8 @@ def run(args) -> int:
             if not (args.no_baseline or jobs) and point.world_size == 1:
                 _measure_baseline(config, point.settings, args, baselines)
         for size in ceiling_sizes:
-            print(f"host ceiling: {size} copies of {ceiling.base_point(points).name} at once, {args.steps} steps", flush=True)
+            print(f"host ceiling: {size} copies of {ceiling.base_point(points).name} at once, {args.steps} steps",
+                  flush=True)
             dirs = ceiling.run_copies(args.config, overrides, points, size, global_batch, args.steps, lr, out,
                                       phase, round_name)
             for copy_dirs, run_dir in zip(ceiling_dirs[size], dirs):
