@@ -40,7 +40,7 @@ def world_sizes(points: list[sweep.Point], global_batch: int, micro_batch: int, 
 def copies(points: list[sweep.Point], size: int, global_batch: int) -> tuple[list[sweep.Point], list[str]]:
     """The `size` copies of the 1-process point, and the --set arguments that give each 1/size of the batch."""
     base = base_point(points)
-    threads = base.settings.get("threads") or max(1, (os.cpu_count() or 1) // size)
+    threads = base.settings.get("threads") or sweep.threads_per_rank(size)
     settings = {**base.settings, "threads": threads}
     return ([sweep.Point(name=f"ceiling{size}_copy{k}", settings=settings, world_size=1) for k in range(1, size + 1)],
             ["--set", f"train.global_batch_size={global_batch // size}"])

@@ -119,7 +119,7 @@ def run(args) -> int:
         if torch.cuda.is_available():
             return peaks.device_peak_tflops(torch.cuda.get_device_name(), precision)
         per_host = point["world_size"] // point["settings"].get("nodes", 1)  # ranks sharing one host's cores
-        threads = point["settings"].get("threads") or max(1, (os.cpu_count() or 1) // per_host)
+        threads = point["settings"].get("threads") or sweep.threads_per_rank(per_host)
         key = (threads, precision)
         if key not in cpu_peaks:
             cpu_peaks[key] = peaks.measure_cpu_peak_tflops(precision, threads)
@@ -190,8 +190,6 @@ def _baseline_key(config, settings: dict) -> str:
 
 def _measure_baseline(config, settings: dict, args, baselines: dict) -> None:
     """Time the plain-PyTorch baseline at this point's (micro-batch, precision) unless it already ran."""
-    import os
-
     from .baseline import time_baseline
 
     key = _baseline_key(config, settings)

@@ -96,6 +96,11 @@ def overrides_for(point: Point, steps: int, lr: float, phase: dict | None = None
     return [a for s in sets for a in ("--set", s)]
 
 
+def threads_per_rank(ranks_on_host: int) -> int:
+    """The CPU threads each of `ranks_on_host` ranks gets when the point does not set `threads`."""
+    return max(1, (os.cpu_count() or 1) // ranks_on_host)
+
+
 @dataclass
 class Started:
     """A point's training process(es), running."""
@@ -115,7 +120,7 @@ def start_point(config_path: str, base_overrides: list[str], point: Point, steps
            "-m", "megacrystal", "train"] if point.world_size > 1 else [sys.executable, "-m", "megacrystal", "train"]
     cmd += ["--config", config_path, "--resume", "none", *base_overrides, *overrides_for(point, steps, lr, phase),
             "--set", f"run.dir={run_dir}", "--set", f"checkpoint.dir={run_dir}/checkpoints"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // point.world_size))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(point.world_size))}
     log = run_dir.parent / f"{run_dir.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as output:

@@ -119,4 +119,3 @@ def reduce_through_shared_memory(ddp: DistributedDataParallel, group) -> None:
             reducer.all_reduce()
 
     ddp.finish_grad_sync = finish_grad_sync
-    ddp.shared_memory_reducers = [reducer for _, reducer in reducers]
