@@ -47,7 +47,7 @@ def copies(points: list[sweep.Point], size: int, global_batch: int) -> tuple[lis
 
 
 def run_copies(config_path: str, overrides: list[str], points: list[sweep.Point], size: int, global_batch: int,
-               steps: int, lr: float, out: Path, phase: dict | None, round_name: str) -> list[Path]:
+               steps: int, lr: sweep.BenchLR, out: Path, phase: dict | None, round_name: str) -> list[Path]:
     """Start the copies together, wait for all; their run directories."""
     group, batch = copies(points, size, global_batch)
     started = [sweep.start_point(config_path, overrides + batch, copy, steps, lr, out, phase, round_name)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 
@@ -106,8 +107,7 @@ def run(args) -> int:
     global_batch = config.train.global_batch_size
     ceiling_sizes = ceiling.world_sizes(points, global_batch, config.train.micro_batch_size, args.slurm) \
         if args.host_ceiling else []
-    # Points run on the synthetic stream (no data files, no phase boundaries) at the first phase's peak LR.
-    lr = config.optim.lr or next(iter(config.data.phases.values())).lr.peak
+    lr = sweep.BenchLR.of(config)
     phase = sweep.data_phase(config, args.steps, lr) if args.data == "config" else None
     out = Path(args.out)
     cpu_peaks: dict[int, float] = {}
@@ -167,8 +167,9 @@ def run(args) -> int:
             row["step_time_vs_baseline"] = row["measured"]["step_time_s"] / baselines[key]["step_time_s"]
     env = report.environment({f"{t} threads {p}": v for (t, p), v in cpu_peaks.items()} or "device table")
     meta = {"config": args.config, "sweep": args.sweep, "steps": args.steps, "warmup": args.warmup,
-            "repeat": args.repeat,
-            "data": {"bench": phase} if phase else "synthetic",
+            "repeat": args.repeat, "lr": asdict(lr),
+            "data": {"bench": phase, "train_tokens_sha256": sweep.train_tokens_sha256(config, phase)}
+            if phase else "synthetic",
             "flops_per_token": flops_per_token(config.model), "command": report.command_line()}
     if jobs:
         meta["slurm"] = slurm.meta(args, jobs)

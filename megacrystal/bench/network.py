@@ -57,7 +57,7 @@ def run(args, config) -> int:
                           "parallel.tp = parallel.pp = 1")
     config.data_parallel_size(2)  # the global batch must split over two ranks
     out = Path(args.out).resolve()
-    lr = config.optim.lr or next(iter(config.data.phases.values())).lr.peak
+    lr = sweep.BenchLR.of(config)
     # One thread per rank, on the synthetic stream, as `bench --sweep` runs its points.
     base = [str(Path(args.config).resolve()), "--resume", "none", *sum((["--set", o] for o in args.overrides), []),
             *sweep.overrides_for(sweep.Point("link", {"threads": 1}, 1), args.steps, lr)]

@@ -58,27 +58,48 @@ def summarize(points: list[dict], flops_per_token: float, peak_for) -> list[dict
 def _describe_data(data) -> str:
     if data == "synthetic":
         return "the synthetic token stream (no files, no phases)"
-    phase = data["bench"]
+    phase, digests = data["bench"], data.get("train_tokens_sha256", {})
+    tokens = ", ".join(f"{name} {digest[:12]}" for name, digest in digests.items())
     return (f"the config's indexed datasets, blend {phase['weights']}, FIM rate {phase['fim_rate']} "
-            f"(`--data config`)")
+            f"(`--data config`){f'; sha256 of their train tokens: {tokens}' if tokens else ''}")
+
+
+def _lr_text(lr: dict | None) -> str:
+    if not lr:
+        return ""
+    return (f" LR: warmup from 0 over {lr['warmup_steps']} steps to {lr['peak']:g}, then held (the config's first "
+            "LR segment without its decay).")
+
+
+def _loss_change(row: dict, reference: dict) -> str:
+    loss, ref = row["measured"]["loss_tail_mean"], reference["measured"]["loss_tail_mean"]
+    return f"{loss:.4f} / {ref:.4f} ({100 * (loss / ref - 1):+.2f}%)"
 
 
 def _precision_lines(rows: list[dict]) -> list[str]:
     """bf16 against fp32 for points that differ only in precision (and in torch.compile, which a user picks per
-    precision): speed-up and the loss after the last step."""
-    lines = []
+    precision): speed-up and the training loss at the end, as the mean over the last steps (the same batches in
+    every point; one step's loss moves by several % from batch to batch). Points that differ in torch.compile
+    only show how far a change of rounding alone moves that loss."""
+    lines, rounding = [], []
     for bf16 in (r for r in rows if r["settings"].get("precision") == "bf16"):
         twin = _without(bf16["settings"], "precision", "compile")
         for fp32 in (r for r in rows if r["settings"].get("precision") == "fp32"
                      and _without(r["settings"], "precision", "compile") == twin):
             speedup = bf16["tokens_per_s"] / fp32["tokens_per_s"]
-            loss32, loss16 = fp32["measured"]["loss_last"], bf16["measured"]["loss_last"]
-            lines.append(f"| {bf16['name']} / {fp32['name']} | {speedup:.2f}x | {loss16:.4f} / {loss32:.4f} "
-                         f"({100 * (loss16 / loss32 - 1):+.2f}%) |")
+            lines.append(f"| {bf16['name']} / {fp32['name']} | {speedup:.2f}x | {_loss_change(bf16, fp32)} |")
+    for compiled in (r for r in rows if r["settings"].get("compile") is True):
+        for eager in (r for r in rows if r["settings"].get("compile") is False
+                      and _without(r["settings"], "compile") == _without(compiled["settings"], "compile")):
+            rounding.append(f"{compiled['name']} / {eager['name']} {_loss_change(compiled, eager)}")
     if not lines:
         return []
-    return ["", "bf16 against fp32 (tokens/s ratio; loss after the last step):", "",
+    steps = rows[0]["measured"]["loss_tail_steps"]
+    text = ["", f"bf16 against fp32 (tokens/s ratio; training loss, mean of the last {steps} steps):", "",
             "| points | bf16 / fp32 tokens/s | loss bf16 / fp32 |", "|---|---|---|", *lines]
+    if rounding:
+        text += ["", "The same loss where only torch.compile differs (rounding alone): " + "; ".join(rounding) + "."]
+    return text
 
 
 def _without(settings: dict, *keys: str) -> dict:
@@ -100,7 +121,7 @@ def write_report(out: Path, rows: list[dict], env: dict, meta: dict) -> list[Pat
              f"FLOPs per token: {meta['flops_per_token']:.4g} (6N matmuls + tied head once + 12 L h S attention). "
              f"Steps: {meta['steps']} per point, the first {meta['warmup']} not timed; step time is the median "
              f"(p10-p90 shown).{_rounds_text(meta.get('repeat', 1))}", "",
-             f"Data: {_describe_data(meta.get('data', 'synthetic'))}.", "",
+             f"Data: {_describe_data(meta.get('data', 'synthetic'))}.{_lr_text(meta.get('lr'))}", "",
              "| point | devices | step s (p10-p90) | tokens/s | tokens/s/device | TFLOP/s/device | peak | MFU | "
              "scaling eff. | peak mem MB | data+log | first step s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

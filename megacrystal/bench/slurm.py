@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import ConfigError, load_config
 from ..launch.slurm import SlurmJob, render, resolve, submit
-from .sweep import Point, overrides_for
+from .sweep import BenchLR, Point, overrides_for
 
 # States after which a job runs no more (squeue/sacct spelling); every other state is still on its way.
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
@@ -84,7 +84,7 @@ def _device_names() -> list[str]:
     return list(DEVICE_PEAKS_TFLOPS)
 
 
-def plan_jobs(args, points: list[Point], lr: float, out: Path, phase: dict | None = None) -> list[PointJob]:
+def plan_jobs(args, points: list[Point], lr: BenchLR, out: Path, phase: dict | None = None) -> list[PointJob]:
     """Every point's job, validated (config, layout, SLURM values) before anything is written or submitted."""
     per_node = procs_per_node(args)
     jobs = []

@@ -1,6 +1,7 @@
 """Run a sweep of parallel layouts locally (one torchrun per point) and measure each from its metrics.jsonl."""
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -19,6 +20,7 @@ _KEYS = {
     "mbs": "train.micro_batch_size", "precision": "train.precision", "engine": "engine",
     "zero": "deepspeed.zero_stage", "threads": "train.threads", "compile": "train.compile",
 }
+LOSS_TAIL_STEPS = 10  # the loss a report compares is the mean over a point's last 10 steps
 
 
 @dataclass
@@ -71,19 +73,51 @@ def plan_points(settings_list: list[dict], procs_per_node: int | None = None) ->
     return points
 
 
-def data_phase(config, steps: int, lr: float) -> dict:
+@dataclass(frozen=True)
+class BenchLR:
+    """The points' learning rate: the config's first warmup up to its first peak, which is then held (a run's
+    start). Not the peak from step 1: measured at the small shape, that cold start made bf16 runs spike (grad norm
+    9-12 at step 13 or 15, where fp32 stayed below 1), and the bf16 against fp32 loss after 50 steps then
+    measured the spike (+2%), not the precision (-0.2% with the warmup)."""
+
+    peak: float
+    warmup_steps: int
+
+    @classmethod
+    def of(cls, config) -> "BenchLR":
+        if config.optim.lr:  # one LR segment for the whole run (no phases)
+            return cls(config.optim.lr, config.optim.warmup_steps)
+        first = next(iter(config.data.phases.values())).lr
+        return cls(first.peak, first.warmup_steps)
+
+
+def data_phase(config, steps: int, lr: BenchLR) -> dict:
     """One phase of exactly `steps` steps on the config's own datasets (`bench --data config`): the blend and FIM
-    rate of its phase with the most datasets (the costliest data path), at a constant `lr`."""
+    rate of its phase with the most datasets (the costliest data path), at `lr`."""
     if config.data.source != "indexed" or not config.data.phases:
         raise ConfigError("--data config: the config has no indexed datasets and phases to read; use --data "
                           "synthetic or a config with data.source: indexed")
     widest = max(config.data.phases.values(), key=lambda phase: len(phase.weights))
     tokens = steps * config.train.global_batch_size * config.model.seq_length
     return {"tokens": tokens, "weights": widest.weights, "fim_rate": widest.fim_rate,
-            "lr": {"peak": lr, "warmup_steps": 0, "end": lr}}
+            "lr": {"peak": lr.peak, "warmup_steps": lr.warmup_steps, "end": lr.peak}}
 
 
-def overrides_for(point: Point, steps: int, lr: float, phase: dict | None = None) -> list[str]:
+def train_tokens_sha256(config, phase: dict) -> dict[str, str]:
+    """The sha256 of each blended dataset's prepared train tokens, so that reports on different data tell
+    themselves apart: the embedded corpus is built from the Python installation, a changed one changes it."""
+    from ..data import indexed
+    from ..data.pipeline import data_dir
+
+    digests = {}
+    for name in phase["weights"]:
+        bin_path = indexed.files(indexed.split_prefix(data_dir(config) / name, "train"))[1]
+        with bin_path.open("rb") as tokens:
+            digests[name] = hashlib.file_digest(tokens, "sha256").hexdigest()
+    return digests
+
+
+def overrides_for(point: Point, steps: int, lr: BenchLR, phase: dict | None = None) -> list[str]:
     """--set arguments of a point: its layout for `steps` steps at `lr` on the synthetic stream (or, given a
     `data_phase`, on the config's datasets), saving nothing but the final checkpoint (after the timed steps)."""
     sets = [f"{_KEYS[k]}={v}" for k, v in point.settings.items() if _KEYS.get(k)]
@@ -91,7 +125,8 @@ def overrides_for(point: Point, steps: int, lr: float, phase: dict | None = None
         sets += [f"data.phases={json.dumps({'bench': phase})}", "data.eval_interval=null"]
     else:
         sets += ["data.source=synthetic", "data.phases={}", f"train.steps={steps}"]
-    sets += [f"optim.lr={lr}", "checkpoint.interval=null", "checkpoint.phase_end=false",
+    sets += [f"optim.lr={lr.peak}", f"optim.warmup_steps={lr.warmup_steps}", f"optim.end_lr={lr.peak}",
+             "checkpoint.interval=null", "checkpoint.phase_end=false",
              "train.log_interval=1000000"]
     return [a for s in sets for a in ("--set", s)]
 
@@ -111,7 +146,7 @@ class Started:
     log: Path
 
 
-def start_point(config_path: str, base_overrides: list[str], point: Point, steps: int, lr: float, out: Path,
+def start_point(config_path: str, base_overrides: list[str], point: Point, steps: int, lr: BenchLR, out: Path,
                 phase: dict | None = None, round_name: str = "") -> Started:
     """Start one point with torchrun (or one process) in `out`/points/<name>[/<round_name>], its output in a .log
     file beside that directory."""
@@ -137,7 +172,7 @@ def finish_point(started: Started) -> Path:
     return started.run_dir
 
 
-def run_point(config_path: str, base_overrides: list[str], point: Point, steps: int, lr: float, out: Path,
+def run_point(config_path: str, base_overrides: list[str], point: Point, steps: int, lr: BenchLR, out: Path,
               phase: dict | None = None, round_name: str = "") -> Path:
     """Run one point to the end; return its run directory."""
     return finish_point(start_point(config_path, base_overrides, point, steps, lr, out, phase, round_name))
@@ -163,7 +198,10 @@ def measure(run_dirs: list[Path], warmup: int) -> dict:
         "step_time_p90_s": times[min(len(times) - 1, (9 * len(times)) // 10)],
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / median,
-        "loss_last": records[-1]["loss"],  # the first round's: every round trains the same steps
+        # the first round's losses: every round trains the same steps on the same batches
+        "loss_last": records[-1]["loss"],
+        "loss_tail_mean": statistics.fmean(r["loss"] for r in records[-LOSS_TAIL_STEPS:]),
+        "loss_tail_steps": min(LOSS_TAIL_STEPS, len(records)),
         "memory_mb": max((r.get("memory_mb") or 0) for run in runs for r in run) or None,
         # data loading (inside the step) and metrics/progress writing (between steps), as a share of the step
         "data_and_log_share": (statistics.median(r.get("data_time_s", 0.0) for r in timed)

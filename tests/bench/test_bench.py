@@ -1,4 +1,5 @@
 """`megacrystal bench`: sweep parsing, and a real two-point sweep that writes its report and plots."""
+import hashlib
 import json
 import subprocess
 import sys
@@ -137,11 +138,25 @@ def test_scaling_model_for_crystal_7b_by_hand():
 
 
 def test_data_config_needs_indexed_datasets(synthetic_config):
-    from megacrystal.bench.sweep import data_phase
+    from megacrystal.bench.sweep import BenchLR, data_phase
     from megacrystal.config import load_config
 
     with pytest.raises(ConfigError, match="--data config: the config has no indexed datasets"):
-        data_phase(load_config(synthetic_config), 10, 1e-3)
+        data_phase(load_config(synthetic_config), 10, BenchLR(1e-3, 0))
+
+
+def test_points_warm_up_like_the_configs_first_lr_segment_then_hold_its_peak(synthetic_config):
+    from megacrystal.bench.sweep import BenchLR, data_phase, overrides_for
+    from megacrystal.config import load_config
+
+    tiny = load_config(ROOT / "configs" / "crystal-tiny.yaml")  # phases: the first warms up 15 steps to 0.01
+    assert BenchLR.of(tiny) == BenchLR(0.01, 15)
+    assert BenchLR.of(load_config(synthetic_config)) == BenchLR(0.01, 2)  # no phases: optim's segment
+    lr = BenchLR(0.004, 3)
+    assert data_phase(tiny, 20, lr)["lr"] == {"peak": 0.004, "warmup_steps": 3, "end": 0.004}
+    point = plan_points(parse_sweep("tp=1"))[0]
+    sets = overrides_for(point, 20, lr)[1::2]
+    assert {"optim.lr=0.004", "optim.warmup_steps=3", "optim.end_lr=0.004"} <= set(sets)
 
 
 @pytest.mark.slow
@@ -154,25 +169,40 @@ def test_points_on_the_configs_own_datasets_and_bf16_against_fp32(tiny_data, tmp
     report = json.loads((tmp_path / "report.json").read_text())
     mixed = {"prose": 0.5, "python": 0.3, "web": 0.2}  # the tiny config's widest phase, with FIM 0.9
     assert report["data"]["bench"]["weights"] == mixed and report["data"]["bench"]["fim_rate"] == 0.9
+    data_dir = Path(tiny_data[1].partition("=")[2])
+    assert report["data"]["train_tokens_sha256"] == {
+        name: hashlib.sha256((data_dir / f"{name}_train.bin").read_bytes()).hexdigest() for name in mixed}
     for point in report["points"]:
         records = [json.loads(line) for line in
                    (tmp_path / "points" / point["name"] / "metrics.jsonl").read_text().splitlines()]
         assert [r["phase"] for r in records] == ["bench"] * 6
         assert set().union(*(r["samples"] for r in records)) == set(mixed)  # read from every dataset
         assert 0 < point["measured"]["data_and_log_share"] < 1
+        # the tiny config's first LR segment: warmup from 0 over 15 steps to 0.01, so all 6 steps ramp
+        assert [r["lr"] for r in records] == pytest.approx([0.01 * step / 15 for step in range(6)])
+        # the loss compared: the mean over the last steps (all 6 here)
+        assert point["measured"]["loss_tail_steps"] == 6
+        assert point["measured"]["loss_tail_mean"] == pytest.approx(sum(r["loss"] for r in records) / 6)
     md = (tmp_path / "report.md").read_text()
     assert "Data: the config's indexed datasets" in md and "| precisionbf16 / precisionfp32 |" in md
+    assert "LR: warmup from 0 over 15 steps to 0.01, then held" in md and "mean of the last 6 steps" in md
 
 
 def test_bf16_table_pairs_points_that_differ_in_precision_and_compile_only():
     from megacrystal.bench.report import _precision_lines
 
     def row(precision, compiled, tp, tokens_per_s, loss):
-        return {"name": f"{precision}_{compiled}_tp{tp}", "tokens_per_s": tokens_per_s, "measured": {"loss_last": loss},
+        return {"name": f"{precision}_{compiled}_tp{tp}", "tokens_per_s": tokens_per_s,
+                "measured": {"loss_tail_mean": loss, "loss_tail_steps": 10},
                 "settings": {"precision": precision, "compile": compiled, "tp": tp}}
 
-    rows = [row("fp32", False, 1, 100.0, 5.0), row("fp32", True, 1, 110.0, 5.0), row("bf16", True, 1, 300.0, 5.05),
+    rows = [row("fp32", False, 1, 100.0, 5.0), row("fp32", True, 1, 110.0, 5.02), row("bf16", True, 1, 300.0, 5.05),
             row("fp32", False, 2, 50.0, 5.0)]  # tp 2 has no bf16 twin
-    table = [line for line in _precision_lines(rows) if line.startswith("| bf16")]
-    assert table == ["| bf16_True_tp1 / fp32_False_tp1 | 3.00x | 5.0500 / 5.0000 (+1.00%) |",
-                     "| bf16_True_tp1 / fp32_True_tp1 | 2.73x | 5.0500 / 5.0000 (+1.00%) |"]
+    lines = _precision_lines(rows)
+    assert [line for line in lines if line.startswith("| bf16")] == [
+        "| bf16_True_tp1 / fp32_False_tp1 | 3.00x | 5.0500 / 5.0000 (+1.00%) |",
+        "| bf16_True_tp1 / fp32_True_tp1 | 2.73x | 5.0500 / 5.0200 (+0.60%) |"]
+    assert "mean of the last 10 steps" in lines[1]
+    # the noise floor: the same precision, compiled against eager
+    assert lines[-1] == ("The same loss where only torch.compile differs (rounding alone): "
+                         "fp32_True_tp1 / fp32_False_tp1 5.0200 / 5.0000 (+0.40%).")
