@@ -70,7 +70,7 @@ def measure(run_dirs: list[list[Path]], warmup: int) -> dict:
 def summarize(rows: list[dict], ceilings: dict[int, dict]) -> None:
     """Put the ceiling against the ideal (W x the 1-process rate) into each ceiling, and each W-rank point's
     tokens/s against its ceiling into the point's row."""
-    base = min(rows, key=lambda r: r["world_size"])
+    base = sweep.reference_row(rows)
     for size, ceiling in ceilings.items():
         ceiling["vs_ideal"] = ceiling["tokens_per_s"] / (size * base["tokens_per_s"])
     for row in rows:
@@ -81,7 +81,7 @@ def summarize(rows: list[dict], ceilings: dict[int, dict]) -> None:
 def markdown(rows: list[dict], ceilings: dict[int, dict]) -> list[str]:
     if not ceilings:
         return []
-    base = min(rows, key=lambda r: r["world_size"])
+    base = sweep.reference_row(rows)
     lines = ["", f"Host ceiling (`--host-ceiling`): W copies of {base['name']} at once, each on 1/W of the global "
              "batch at one rank's threads, with no communication; their summed tokens/s is what this host gives W "
              "processes. ceiling / ideal is the host's own loss (shared caches, memory, clocks); a point / ceiling "

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .ceiling import markdown as ceiling_lines
+from .sweep import reference_row
 
 
 def environment(peaks: dict) -> dict:
@@ -193,7 +194,7 @@ def _plots(out: Path, rows: list[dict], ceilings: dict[int, dict]) -> list[Path]
     for r in rows:
         ax.annotate(r["name"], (r["world_size"], r["tokens_per_s"]), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")
-    base = min(rows, key=lambda r: r["world_size"])
+    base = reference_row(rows)
     xs = sorted(set(devices))
     ax.plot(xs, [base["tokens_per_s_per_device"] * x for x in xs], linestyle="--", color="grey", label="ideal")
     if ceilings:

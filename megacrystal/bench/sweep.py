@@ -131,6 +131,12 @@ def overrides_for(point: Point, steps: int, lr: BenchLR, phase: dict | None = No
     return [a for s in sets for a in ("--set", s)]
 
 
+def reference_row(rows: list[dict]) -> dict:
+    """The report row that scaling efficiency, the ideal line and the host ceiling are set against: the point
+    report.summarize named `baseline_point` (the first of the smallest)."""
+    return next(row for row in rows if row["name"] == rows[0]["baseline_point"])
+
+
 def threads_per_rank(ranks_on_host: int) -> int:
     """The CPU threads each of `ranks_on_host` ranks gets when the point does not set `threads`."""
     return max(1, (os.cpu_count() or 1) // ranks_on_host)
