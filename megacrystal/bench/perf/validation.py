@@ -1,4 +1,4 @@
-"""The throughput model against published Megatron-LM runs (published.json): each row's prediction and error.
+"""The throughput model against published Megatron-LM runs (published.py): each row's prediction and error.
 
 A row pins what its source published (model, tp/pp/dp, batch, GPU, recomputation where stated) and lets the
 model choose what it did not publish (`search`: micro-batch, interleaving, recomputation) as the layout search
@@ -14,12 +14,11 @@ from .hardware import Cluster, Constants, default_constants, device
 from .search import Options, candidates, rank
 from .shapes import Layout, Shape
 
-TABLE = Path(__file__).with_name("published.json")
-
-
 def published_rows() -> list[dict]:
-    """The rows of published.json."""
-    return json.loads(TABLE.read_text())["rows"]
+    """The rows of published.py."""
+    from .published import ROWS
+
+    return ROWS
 
 
 def hardware_flops_with_recompute(shape: Shape, batch: int) -> float:
