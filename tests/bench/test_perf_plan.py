@@ -33,6 +33,8 @@ def test_plan_for_crystal_7b_on_16x8_h100(capsys, tmp_path):
     sets = out_file.read_text().split()
     assert sets[0] == "--set" and "parallel.tp=2" in sets and "engine=megatron" in sets
     assert "megacrystal launch slurm --config" in out.out
+    chosen = load_config(SEVEN_B, sets[1::2])  # the written overrides are a valid config for 128 GPUs
+    assert chosen.parallel.tp == 2 and chosen.data_parallel_size(128) == 128 // (2 * chosen.parallel.pp)
     # the best is no slower, in this model, than the layouts published for 7B-class Megatron runs on this
     # cluster: tp 2 x pp 1 (Megatron-LM README, 7.1B on H100), tp 4 x pp 1 (Narayanan et al. 2021, 7.5B),
     # and the config's own tp 2 x pp 4
