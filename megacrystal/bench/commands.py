@@ -22,7 +22,8 @@ def register(subparsers) -> None:
                        help="also run W copies of the 1-process point at once (1/W of the batch each, no "
                             "communication) for every W-rank point: the speed this host gives W processes, against "
                             "which the report shows each point's parallel efficiency")
-    bench.add_argument("--out", help="report directory (with --sweep)")
+    bench.add_argument("--out", help="report directory (with --sweep); with --plan, the file the chosen layout's "
+                       "--set overrides are written to")
     bench.add_argument("--data", choices=("synthetic", "config"), default="synthetic",
                        help="what the points train on: the synthetic stream (default; no files, no phases) or the "
                             "config's own indexed datasets (one phase with the blend and FIM rate of its widest "

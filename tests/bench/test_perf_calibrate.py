@@ -35,8 +35,8 @@ def test_calibrate_the_cpu_sweep_and_predict_with_it(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert len(saved["points"]) == 8 and saved["median_abs_error"] <= 0.20
     assert load_constants(str(out)).source.startswith("calibrated on")
-    assert main(["bench", "--config", str(ROOT / "configs" / "crystal-tiny.yaml"), "--predict", "--devices-per-node", "2", "--calibration",
-                 str(out)]) == 0
+    assert main(["bench", "--config", str(ROOT / "configs" / "crystal-tiny.yaml"), "--predict",
+                 "--devices-per-node", "2", "--calibration", str(out)]) == 0
     assert "constants: calibrated on" in capsys.readouterr().out
 
 

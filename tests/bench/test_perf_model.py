@@ -113,6 +113,8 @@ def test_recomputation_trades_time_for_memory_and_overlap_hides_dp():
     assert overlapped.dp_s < runs["none"].dp_s and overlapped.step_s < runs["none"].step_s
     # full recomputation: backward = 3 forward GEMM passes, so the GEMM time is 4/3 of none's
     assert runs["full"].gemm_s == pytest.approx(4 / 3 * runs["none"].gemm_s)
+    for est in runs.values():  # the compute term is its parts
+        assert est.compute_s == pytest.approx(est.gemm_s + est.attention_s + est.elementwise_s + est.output_layer_s)
 
 
 def test_a_layout_that_does_not_fit_is_marked():

@@ -65,7 +65,8 @@ def problem(point: dict) -> tuple[Shape, Layout, Cluster]:
     shape = replace(Shape.of(config.model, precision), flash_attention=True)
     tp, pp, dp = s.get("tp", config.parallel.tp), s.get("pp", config.parallel.pp), s.get("dp", 1)
     mbs = s.get("mbs", config.train.micro_batch_size)
-    layout = Layout(tp=tp, pp=pp, dp=dp, micro_batch=mbs, global_batch=point["tokens_per_step"] // config.model.seq_length,
+    batch = point["tokens_per_step"] // config.model.seq_length
+    layout = Layout(tp=tp, pp=pp, dp=dp, micro_batch=mbs, global_batch=batch,
                     vpp=s.get("vpp", config.parallel.vpp), sp=s.get("sp", config.parallel.sp) and tp > 1,
                     distributed_optimizer=config.parallel.distributed_optimizer, overlap_grad_reduce=False,
                     overlap_param_gather=False)

@@ -6,8 +6,9 @@ from .shapes import Layout
 from .step import Estimate
 
 TERMS = (("compute", "compute_s"), ("  GEMMs", "gemm_s"), ("  attention", "attention_s"),
-         ("  element-wise", "elementwise_s"), ("TP/SP comm", "tp_s"), ("pipeline bubble", "bubble_s"),
-         ("PP sends", "pp_s"), ("DP comm (exposed)", "dp_s"), ("optimizer", "optimizer_s"), ("other", "other_s"))
+         ("  element-wise", "elementwise_s"), ("  output layer", "output_layer_s"), ("TP/SP comm", "tp_s"),
+         ("pipeline bubble", "bubble_s"), ("PP sends", "pp_s"), ("DP comm (exposed)", "dp_s"),
+         ("optimizer", "optimizer_s"), ("other", "other_s"))
 
 
 def breakdown_lines(est: Estimate) -> list[str]:
@@ -33,7 +34,8 @@ def overrides(layout: Layout) -> list[str]:
         sets += ["engine=deepspeed", f"deepspeed.zero_stage={layout.zero_stage}",
                  "parallel.distributed_optimizer=false"]
     else:
-        sets += ["engine=megatron", f"parallel.distributed_optimizer={'true' if layout.distributed_optimizer else 'false'}"]
+        sets += ["engine=megatron",
+                 f"parallel.distributed_optimizer={'true' if layout.distributed_optimizer else 'false'}"]
     return sets
 
 

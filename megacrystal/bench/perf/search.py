@@ -65,9 +65,9 @@ def candidates(shape: Shape, cluster: Cluster, global_batch: int, options: Optio
                     [None] + [v for v in range(2, options.max_vpp + 1) if pp > 1]
                 for vpp in vpps:
                     for recompute in ([fixed["recompute"]] if "recompute" in fixed else options.recompute):
-                        for shard in _shardings(options.sharding):
-                            if "distributed_optimizer" in fixed:
-                                shard = {"distributed_optimizer": fixed["distributed_optimizer"], "zero_stage": 0}
+                        shardings = [{"distributed_optimizer": fixed["distributed_optimizer"], "zero_stage": 0}] \
+                            if "distributed_optimizer" in fixed else _shardings(options.sharding)
+                        for shard in shardings:
                             if shard["zero_stage"] and tp * pp > 1:
                                 continue  # DeepSpeed's ZeRO runs data parallelism only in megacrystal
                             layout = base.with_(tp=tp, pp=pp, dp=dp, micro_batch=mbs, vpp=vpp, recompute=recompute,

@@ -28,9 +28,11 @@ class Estimate:
     devices: int
     peak_tflops: float
     memory: Memory
+    # compute_s split: the layers' GEMMs, attention core and element-wise work, and the output layer with its loss
     gemm_s: float = 0.0
     attention_s: float = 0.0
     elementwise_s: float = 0.0
+    output_layer_s: float = 0.0
 
     @property
     def step_s(self) -> float:
@@ -51,7 +53,7 @@ class Estimate:
 
     def breakdown(self) -> dict:
         """The terms in seconds, plus step, tokens/s, MFU and memory in GB."""
-        terms = {k: v for k, v in asdict(self).items() if k.endswith("_s")}
+        terms = {k: v for k, v in asdict(self).items() if k.endswith("_s") and not isinstance(v, dict)}
         return {**terms, "step_s": self.step_s, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
                 "memory_gb": self.memory.as_gb(), "fits": self.memory.fits}
 
@@ -86,13 +88,13 @@ def estimate(shape: Shape, layout: Layout, cluster: Cluster, c: Constants) -> Es
     local = params / layout.dp if (layout.distributed_optimizer or layout.zero_stage) else params
     optimizer = optimizer_seconds(local, shape.bytes_per_value, dev, c)
 
-    per_mb = layers * (lt.gemm_fwd + lt.gemm_bwd), layers * (lt.attention_fwd + lt.attention_bwd), \
-        layers * (lt.elementwise_fwd + lt.elementwise_bwd)
     compute = m * (max(stages) - layers * (tp_fwd + tp_bwd))  # the slowest stage's work, less its TP time
+    output = m * (out_fwd + out_bwd) if stages[-1] == max(stages) else 0.0
     return Estimate(
         compute_s=compute, tp_s=m * layers * (tp_fwd + tp_bwd), bubble_s=pipe.bubble_s, pp_s=pp,
         dp_s=grad_s + gather_s, optimizer_s=optimizer, other_s=c.overlap_slowdown * hidden + c.step_overhead_s,
         tokens=layout.global_batch * shape.seq, flops_per_token=shape.model_flops_per_token(),
         devices=layout.tp * layout.pp * layout.dp, peak_tflops=dev.peak_tflops,
         memory=memory(shape, layout, dev.memory_gb),
-        gemm_s=m * per_mb[0], attention_s=m * per_mb[1], elementwise_s=m * per_mb[2])
+        gemm_s=m * layers * (lt.gemm_fwd + lt.gemm_bwd), attention_s=m * layers * (lt.attention_fwd + lt.attention_bwd),
+        elementwise_s=m * layers * (lt.elementwise_fwd + lt.elementwise_bwd), output_layer_s=output)
