@@ -1,6 +1,7 @@
 """`megacrystal bench`: sweep parallel layouts, measure, and write a report with plots."""
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -21,21 +22,46 @@ def register(subparsers) -> None:
                        help="also run W copies of the 1-process point at once (1/W of the batch each, no "
                             "communication) for every W-rank point: the speed this host gives W processes, against "
                             "which the report shows each point's parallel efficiency")
-    bench.add_argument("--out", help="report directory (with --sweep)")
+    bench.add_argument("--out", help="report directory (with --sweep); with --plan, the file the chosen layout's "
+                       "--set overrides are written to")
     bench.add_argument("--data", choices=("synthetic", "config"), default="synthetic",
                        help="what the points train on: the synthetic stream (default; no files, no phases) or the "
                             "config's own indexed datasets (one phase with the blend and FIM rate of its widest "
                             "phase; run `megacrystal prepare` first) to measure data loading")
     bench.add_argument("--no-baseline", action="store_true",
                        help="skip the plain-PyTorch eager baseline measured beside the 1-process points")
-    predict = bench.add_argument_group("prediction (--predict): the analytical step-time model for a cluster")
-    predict.add_argument("--predict", action="store_true", help="print the predicted step time instead of measuring")
-    predict.add_argument("--nodes", type=int, default=1)
-    predict.add_argument("--devices-per-node", type=int, default=8)
-    predict.add_argument("--device", default="H100 SXM", help="a name from the dense-peak table")
-    predict.add_argument("--inter-node-gbps", type=float, default=400.0, help="network per node, Gb/s")
-    predict.add_argument("--intra-node-gbps", type=float, default=3600.0, help="per device inside a node, Gb/s")
-    predict.add_argument("--efficiency", type=float, default=0.5, help="sustained fraction of peak in matmuls")
+    model = bench.add_argument_group(
+        "throughput model (--predict, --plan, --calibrate): step time and memory of layouts on a described cluster")
+    model.add_argument("--predict", action="store_true", help="print the predicted step of the config's layout")
+    model.add_argument("--plan", action="store_true",
+                       help="rank every valid layout (tp, pp, vpp, dp, micro-batch, recompute, optimizer sharding) by "
+                            "predicted tokens/s among those that fit in memory; with --out, write the best as --set "
+                            "overrides for `megacrystal launch slurm`")
+    model.add_argument("--calibrate", metavar="RUN_DIR", action="append", default=[],
+                       help="fit the model's free constants to a measured sweep (its report.json; repeatable) and "
+                            "write them to --calibration")
+    model.add_argument("--calibration", metavar="FILE",
+                       help="constants file: written by --calibrate, read by --predict and --plan")
+    model.add_argument("--nodes", default="1", help="nodes (default 1)")
+    model.add_argument("--devices-per-node", default="8", help="GPUs per node (default 8)")
+    model.add_argument("--device", default="H100 SXM", help="a name from the dense-peak table (default H100 SXM)")
+    model.add_argument("--intra-node-gbps-per-gpu", metavar="GBPS",
+                       help="NVLink bandwidth of one GPU to the others of its node, each direction, Gb/s (default: "
+                            "the device's, e.g. 3600 for H100 SXM)")
+    network = model.add_mutually_exclusive_group()
+    network.add_argument("--inter-node-gbps-per-gpu", metavar="GBPS",
+                         help="network bandwidth per GPU between nodes, Gb/s (default: the device's usual NIC, "
+                              "400 for H100: one NDR NIC per GPU)")
+    network.add_argument("--inter-node-gbps-per-node", metavar="GBPS",
+                         help="network bandwidth of a whole node, Gb/s, shared by its GPUs (e.g. 3200 for 8 x 400)")
+    network.add_argument("--inter-node-gbps", metavar="GBPS", help=argparse.SUPPRESS)  # deprecated: per node
+    model.add_argument("--intra-node-gbps", metavar="GBPS", help=argparse.SUPPRESS)  # deprecated: per GPU
+    model.add_argument("--efficiency", metavar="FRACTION",
+                       help="sustained fraction of peak of large GEMMs (overrides the constants' gemm_max)")
+    model.add_argument("--recompute", default="none",
+                       help="activation recomputation the plan may use: none, selective, full, comma-separated "
+                            "(default none: megacrystal's config has no recomputation setting yet)")
+    model.add_argument("--top", default="5", help="layouts --plan prints (default 5)")
     link = bench.add_argument_group("link (--link-rates): the model against two namespace hosts, needs root")
     link.add_argument("--link-rates", metavar="MBITS", help="throttle a veth between two network namespaces to "
                       "these rates (tc tbf, Mbit/s each way, e.g. 20,50,200) and compare DP=2 step times with "
@@ -53,34 +79,6 @@ def register(subparsers) -> None:
     bench.set_defaults(handler=run)
 
 
-def _predict(args, config) -> int:
-    from ..config import ConfigError
-    from ..model.size import flops_per_token
-    from .peaks import DEVICE_PEAKS_TFLOPS
-    from .scaling import Cluster, predict
-
-    if args.device not in DEVICE_PEAKS_TFLOPS:
-        raise ConfigError(f"--device {args.device!r}: unknown; choose one of {', '.join(DEVICE_PEAKS_TFLOPS)}")
-    cluster = Cluster(args.nodes, args.devices_per_node, DEVICE_PEAKS_TFLOPS[args.device][config.train.precision],
-                      args.intra_node_gbps, args.inter_node_gbps, args.efficiency)
-    config.data_parallel_size(cluster.devices)
-    result = predict(config, cluster)
-    tokens = config.train.global_batch_size * config.model.seq_length
-    mfu = flops_per_token(config.model) * tokens / (cluster.devices * cluster.peak_tflops * 1e12 * result.step_s)
-    p = config.parallel
-    print(f"cluster      {cluster.nodes} nodes x {cluster.devices_per_node} {args.device} "
-          f"({cluster.peak_tflops:g} TFLOP/s dense {config.train.precision}), {args.inter_node_gbps:g} Gb/s between "
-          f"nodes, {args.intra_node_gbps:g} Gb/s inside")
-    print(f"layout       tp {p.tp} x pp {p.pp}{f' (vpp {p.vpp})' if p.vpp else ''} x dp "
-          f"{cluster.devices // (p.tp * p.pp)}, micro-batch {config.train.micro_batch_size}")
-    for name, seconds in (("compute", result.compute_s), ("pipeline bubble", result.bubble_s),
-                          ("TP comm", result.tp_s), ("PP comm", result.pp_s), ("DP comm", result.dp_s)):
-        print(f"  {name:16s} {seconds:9.3f} s")
-    print(f"step         {result.step_s:.3f} s -> {tokens / result.step_s:,.0f} tokens/s, MFU {100 * mfu:.1f}% "
-          f"(matmul efficiency {args.efficiency:g}; no overlap of communication assumed)")
-    return 0
-
-
 def run(args) -> int:
     import torch
 
@@ -89,8 +87,10 @@ def run(args) -> int:
     from . import ceiling, peaks, report, sweep
 
     config = load_config(args.config, args.overrides)
-    if args.predict:
-        return _predict(args, config)
+    if args.predict or args.plan or args.calibrate:
+        from . import model_commands
+
+        return model_commands.run(args, config)
     if args.link_rates:
         from . import network
 

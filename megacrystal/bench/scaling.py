@@ -1,5 +1,6 @@
-"""An analytical model of a training step's time: compute at a sustained fraction of the device peak, the
-pipeline bubble, and the communication volume of tensor, pipeline and data parallelism over given links.
+"""The simple step-time model `bench --link-rates` checks on a throttled link: compute at one sustained fraction
+of the device peak, the pipeline bubble, and the communication volume of tensor, pipeline and data parallelism.
+`--predict` and `--plan` use the fuller model in bench/perf/ (GEMM shapes, overlap, memory, recomputation).
 
 Nothing overlaps in this model (a conservative bound); ring collectives move 2 (n-1)/n of the buffer per rank.
 Link speeds are raw bits per second; `Cluster.inter_node_payload_fraction` is the share of them that is payload
