@@ -37,9 +37,9 @@ def register(subparsers) -> None:
                        help="one more #SBATCH option, e.g. --sbatch=--qos=high (repeatable)")
     slurm.add_argument("--python", default=None, metavar="PATH",
                        help="the python the nodes run (default: this one, i.e. the env setup_env.sh built)")
-    slurm.add_argument("--cpu-bind", choices=CPU_BIND_MODES, default=None,
+    slurm.add_argument("--cpu-bind", default=None, metavar="MODE",
                        help="GPU nodes: bind each trainer to CPUs near its GPU (torchrun --numa-binding; needs "
-                            "numactl on the nodes; default node)")
+                            f"numactl on the nodes): {', '.join(CPU_BIND_MODES)} (default node)")
     slurm.add_argument("--nccl-socket-ifname", metavar="IFACES",
                        help="GPU nodes: NCCL_SOCKET_IFNAME for the trainers, e.g. ib0 or ^lo,docker (default: "
                             "NCCL picks)")
