@@ -94,11 +94,11 @@ def init_process_group(device: torch.device | None = None) -> None:
     dist.init_process_group(backend=backend_for(device), timeout=dist_timeout())
 
 
-def configure_cpu(requested_threads: int | None, device: torch.device | None = None) -> None:
-    """On a CPU run: split the machine's cores among the ranks on this node unless the config says otherwise, and flush
+def configure_cpu(requested_threads: int | None) -> None:
+    """Split the machine's cores among the ranks on this node unless the config says otherwise, and flush
     denormal floats to zero: a matmul over denormals (softmax gradients of confident logits) runs up to 8x slower
     on x86 CPUs (measured here on the tied output layer's backward); GPUs' matmul units flush them too."""
-    if (device.type == "cuda") if device is not None else torch.cuda.is_available():
+    if torch.cuda.is_available():
         return
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     threads = requested_threads or max(1, (os.cpu_count() or 1) // local_world)
@@ -128,7 +128,7 @@ def setup_parallel(config: Config) -> Layout:
         distributed_timeout_minutes=timeout.total_seconds() / 60 if timeout else 30,
     )
     model_parallel_cuda_manual_seed(config.train.seed)
-    configure_cpu(config.train.threads, device)
+    configure_cpu(config.train.threads)
     return Layout(
         rank=dist.get_rank(), world_size=dist.get_world_size(), tp=p.tp, pp=p.pp,
         dp=ps.get_data_parallel_world_size(), vpp=p.vpp,
