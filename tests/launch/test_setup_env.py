@@ -57,6 +57,9 @@ def test_gpu_extras_resolve_to_versions_that_fit_the_pinned_torch_and_megatron_c
                for r in table["run"])
     out = _run("--cuda", "12.6", "--te", "--dry-run", venv=tmp_path / "venv")
     assert "transformer_engine[pytorch,core_cu12]==2.11.0" in out.stdout  # the core library for CUDA 12
+    setup_py = (ROOT / "setup.py").read_text()  # the extras pin the same versions
+    assert '"gpu": ["transformer-engine[pytorch,core_cu13]==2.11.0"]' in setup_py
+    assert '"gpu-cu12": ["transformer-engine[pytorch,core_cu12]==2.11.0"]' in setup_py
 
 
 def test_deepspeed_ops_are_compiled_only_where_nvcc_is(tmp_path):
