@@ -104,7 +104,15 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
 fi
 
 echo "[setup] creating virtualenv at $VENV${CUDA:+ (torch for CUDA $CUDA)}" >&2
-"$PYTHON" -m venv "$VENV"
+# A venv built for another torch (CPU <-> CUDA, another CUDA, other extras) starts afresh: pip keeps an installed
+# torch 2.13.0 whatever its build. Same kind, new setup.py: installed over, as always.
+CLEAR=()
+if [[ -f "$STAMP" ]]; then
+    OLD="$(cat "$STAMP")"
+    [[ "${OLD#* }" == "$OLD" ]] && OLD_MODE="" || OLD_MODE="${OLD#* }"
+    [[ "$OLD_MODE" != "${MODE:-}" ]] && CLEAR=(--clear)
+fi
+"$PYTHON" -m venv ${CLEAR[@]+"${CLEAR[@]}"} "$VENV"
 if [[ -z "$CUDA" ]]; then
     # The CPU torch goes in first: any later requirement it satisfies installs nothing more, so pip never
     # resolves a multi-GB CUDA build of torch.

@@ -106,3 +106,28 @@ def test_the_cpu_default_is_unchanged_and_an_up_to_date_cpu_env_is_left_alone(tm
     (venv / ".megacrystal-stamp").write_text(digest + "\n")
     out = _run(venv=venv)
     assert out.returncode == 0 and out.stderr == "" and sorted(p.name for p in venv.iterdir()) == [".megacrystal-stamp"]
+
+
+@pytest.mark.parametrize("stamp_mode, args, cleared", [
+    ("", [], False),  # a CPU env after a setup.py change: installed over, as before
+    ("", ["--cuda"], True),  # CPU -> CUDA: pip would keep the CPU torch 2.13.0, so start afresh
+    (" cuda 13.0", [], True),  # CUDA -> CPU
+    (" cuda 13.0", ["--cuda", "13.0"], False),
+    (" cuda 13.0", ["--cuda", "12.6"], True),
+    (" cuda 13.0", ["--cuda", "13.0", "--te"], True),
+])
+def test_an_env_built_for_another_torch_is_recreated(tmp_path, stamp_mode, args, cleared):
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / ".megacrystal-stamp").write_text(f"an-older-digest{stamp_mode}\n")
+    record = tmp_path / "venv-args"
+    python = tmp_path / "python"  # stands in for python3.11 and stops the script at `python -m venv`
+    python.write_text(f'#!/bin/sh\necho "$@" > {record}\nexit 3\n')
+    python.chmod(0o755)
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"  # --te needs a CUDA compiler before it does anything
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    out = _run(*args, venv=venv, env={"PYTHON": str(python), "CUDA_HOME": str(nvcc.parents[1])})
+    assert out.returncode == 3, out.stderr
+    assert record.read_text().split() == ["-m", "venv", *(["--clear"] if cleared else []), str(venv)]
