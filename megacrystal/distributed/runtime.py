@@ -51,11 +51,18 @@ def dist_timeout() -> timedelta | None:
     return timedelta(seconds=float(value)) if value else None
 
 
+REQUIRE_CUDA_ENV = "MEGACRYSTAL_REQUIRE_CUDA"  # set by GPU job scripts: `auto` then means `cuda`
+
+
 def resolve_device(requested: str = "auto") -> torch.device:
     """The device this process trains on, from `train.device` (auto: this rank's GPU when torch sees one, else the
     CPU): with GPUs, one process per GPU, LOCAL_RANK picks it. A CPU-only torch build always gives the CPU."""
     from ..config import ConfigError
 
+    field = "train.device: cuda"
+    if requested == "auto" and os.environ.get(REQUIRE_CUDA_ENV) == "1":
+        # a GPU job (launch slurm --gpus-per-node N) must not fall back to the CPU when its torch sees no GPU
+        requested, field = "cuda", f"train.device: auto in a GPU job ({REQUIRE_CUDA_ENV}=1)"
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         if requested == "cpu" and torch.cuda.is_available():
             # megatron-core and the CPU workarounds (cpu_compat) key on torch.cuda.is_available(): a CPU run on a
@@ -65,7 +72,7 @@ def resolve_device(requested: str = "auto") -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise ConfigError(f"train.device: cuda, but torch {torch.__version__} ({build}) sees no GPU; run on a GPU "
+        raise ConfigError(f"{field}, but torch {torch.__version__} ({build}) sees no GPU; run on a GPU "
                           "node with a CUDA torch (bash launch/setup_env.sh --cuda), or set train.device: cpu")
     local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
     if local_rank >= count:

@@ -149,6 +149,9 @@ def _environment(job: SlurmJob) -> str:
     """The exports that reach every trainer of a GPU job (srun passes the batch script's environment on);
     CUDA_DEVICE_MAX_CONNECTIONS keeps a value the job's environment already has."""
     lines = []
+    if job.gpus_per_node:
+        lines.append("# a GPU job: a trainer whose torch sees no GPU stops in one line instead of training on the CPU")
+        lines.append("export MEGACRYSTAL_REQUIRE_CUDA=1")
     if job.cuda_device_max_connections:
         lines.append("# megatron-core overlaps tensor-parallel communication with compute only if CUDA runs "
                      "kernels in launch order")

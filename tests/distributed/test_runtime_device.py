@@ -28,6 +28,13 @@ def test_cuda_without_a_gpu_is_refused_in_one_line_naming_the_field_and_the_fix(
     assert "sees no GPU" in message and "setup_env.sh --cuda" in message
 
 
+def test_a_gpu_job_turns_auto_into_cuda(monkeypatch):
+    monkeypatch.setenv("MEGACRYSTAL_REQUIRE_CUDA", "1")  # what launch slurm's GPU scripts export
+    with pytest.raises(ConfigError, match=r"^train.device: auto in a GPU job \(MEGACRYSTAL_REQUIRE_CUDA=1\), but"):
+        resolve_device("auto")
+    assert resolve_device("cpu") == torch.device("cpu")  # an explicit choice stands
+
+
 def test_backends_follow_the_device():
     assert backend_for(torch.device("cuda", 3)) == "nccl" and backend_for(torch.device("cpu")) == "gloo"
 

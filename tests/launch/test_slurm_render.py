@@ -70,6 +70,7 @@ def test_gpu_nodes_get_one_trainer_per_gpu_bound_near_it_and_the_nccl_settings(m
     assert "CPU_BIND=node " in script and '--numa-binding="$CPU_BIND"' in script
     # tp 2 with sequence parallelism: megatron-core's comm overlap wants kernels in launch order
     assert "\nexport CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}\n" in script
+    assert "\nexport MEGACRYSTAL_REQUIRE_CUDA=1\n" in script  # no silent fall-back to the CPU on a GPU node
     assert "NCCL_SOCKET_IFNAME" not in script and "NCCL_IB_HCA" not in script  # NCCL picks unless told
     script = _render([*SEVEN_B, "--nccl-socket-ifname", "^lo,docker", "--nccl-ib-hca", "=mlx5_0:1,mlx5_1:1",
                       "--cpu-bind", "exclusive"], monkeypatch, capsys)
@@ -149,7 +150,7 @@ def test_cpu_nodes_run_one_process_per_requested_cpu_or_per_allocated_cpu(monkey
     script = _render(base + ["--cpus-per-node", "2"], monkeypatch, capsys)
     assert "NPROC_PER_NODE=2 " in script and "#SBATCH --cpus-per-task=2" in script
     assert "--gpus-per-node" not in "".join(re.findall(r"^#SBATCH .*$", script, re.M))
-    assert "CPU_BIND= " in script and "export CUDA_DEVICE_MAX_CONNECTIONS" not in script  # nothing GPU-only
+    assert "CPU_BIND= " in script and not re.search(r"^export (CUDA|NCCL|MEGACRYSTAL_REQUIRE)", script, re.M)
     script = _render(base, monkeypatch, capsys)
     assert "NPROC_PER_NODE= " in script and "#SBATCH --exclusive" in script  # decided per node at run time
 
