@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megacrystal.cli import main
 from megacrystal.config import ConfigError
@@ -118,10 +119,8 @@ def _tiny_gpus(tmp_path: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow  # runs the venv's python to import torch
+@pytest.mark.skipif(torch.version.cuda is not None, reason="needs the CPU build of torch (the CI machine's)")
 def test_gpus_are_refused_when_the_jobs_torch_has_no_cuda(monkeypatch, capsys, tmp_path):
-    import torch
-
-    assert torch.version.cuda is None, "this test needs the CPU build of torch (the CI machine's)"
     err = _refused(_tiny_gpus(tmp_path), monkeypatch, capsys)
     assert f"--gpus-per-node 2: the job's torch ({torch.__version__}, {sys.executable}) is built without CUDA" in err
     assert "setup_env.sh --cuda" in err
