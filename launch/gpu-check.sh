@@ -63,8 +63,9 @@ log "$GPUS GPU(s), torch $TORCH_VERSION (CUDA $TORCH_CUDA); report in $OUT"
 run_step environment "$OUT/environment.log" "$PY" - "$OUT/environment.json" <<'EOF'
 import importlib, json, sys
 import torch
+nccl = torch.cuda.nccl.version() if torch.distributed.is_nccl_available() else None  # a tuple, or an int in old torch
 env = {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-       "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() else None,
+       "nccl": ".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl,
        "bf16_supported": torch.cuda.is_bf16_supported(),
        "gpus": [{"name": torch.cuda.get_device_name(i), "capability": ".".join(map(str, torch.cuda.get_device_capability(i))),
                  "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}

@@ -1,6 +1,7 @@
 """The rank function of the CUDA parity tests: one tiny Crystal trained per setting, in one NCCL process group."""
 from __future__ import annotations
 
+import os
 import tempfile
 
 import torch
@@ -14,6 +15,7 @@ from ..engines.parallel_runs import TINY, _with
 
 def losses_on_cuda(settings: dict[str, dict]) -> dict[str, dict]:
     """name -> {loss, grad_norm per step, backend, device, peak memory} for each setting (dotted overrides)."""
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # as the runtime will: memory stats of this rank's GPU
     results = {}
     for name, overrides in settings.items():
         torch.cuda.reset_peak_memory_stats()
