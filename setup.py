@@ -27,9 +27,12 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest==9.2.0", "hypothesis==6.170.15"],
-        # Used only when a GPU is present; never required on the CPU path. (NVIDIA Apex is not on PyPI:
-        # build it from its repository if you want its fused kernels; megatron-core picks it up when present.)
-        "gpu": ["transformer-engine[pytorch]"],
+        # Used only when a GPU is present; never required on the CPU path. `bash launch/setup_env.sh --cuda --te`
+        # installs the one for its CUDA (with --no-build-isolation: its torch extension compiles against the CUDA
+        # torch already there). 2.11.0 is the newest Transformer Engine megatron-core 0.16.1 declares
+        # (>=2.9.0a0,<2.12.0). NVIDIA apex is not on PyPI: `setup_env.sh --apex` builds it from a pinned commit.
+        "gpu": ["transformer-engine[pytorch,core_cu13]==2.11.0"],  # CUDA 13.0 / 13.2 builds of torch
+        "gpu-cu12": ["transformer-engine[pytorch,core_cu12]==2.11.0"],  # CUDA 12.6 builds of torch
     },
     entry_points={"console_scripts": ["megacrystal = megacrystal.cli:main"]},
 )

@@ -91,6 +91,8 @@ class TrainSection(_Section):
     seed: int = 1234
     log_interval: int = Field(1, gt=0)
     precision: Literal["fp32", "bf16"] = "fp32"
+    # auto: this rank's GPU (NCCL) when torch sees one, else the CPU (gloo); cuda refuses to start without a GPU
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     threads: Optional[int] = Field(None, ge=1)  # CPU threads per rank; default: cores / local ranks
     peak_tflops_per_device: Optional[float] = Field(None, gt=0)  # for MFU; None: not reported
     # torch.compile every transformer layer (inductor; compiled graphs are cached on disk by inductor's FX graph

@@ -51,18 +51,54 @@ def dist_timeout() -> timedelta | None:
     return timedelta(seconds=float(value)) if value else None
 
 
-def init_process_group() -> None:
-    """Join (or create, for a single process) the default process group; idempotent."""
+REQUIRE_CUDA_ENV = "MEGACRYSTAL_REQUIRE_CUDA"  # set by GPU job scripts: `auto` then means `cuda`
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    """The device this process trains on, from `train.device` (auto: this rank's GPU when torch sees one, else the
+    CPU): with GPUs, one process per GPU, LOCAL_RANK picks it. A CPU-only torch build always gives the CPU."""
+    from ..config import ConfigError
+
+    field = "train.device: cuda"
+    if requested == "auto" and os.environ.get(REQUIRE_CUDA_ENV) == "1":
+        # a GPU job (launch slurm --gpus-per-node N) must not fall back to the CPU when its torch sees no GPU
+        requested, field = "cuda", f"train.device: auto in a GPU job ({REQUIRE_CUDA_ENV}=1)"
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        if requested == "cpu" and torch.cuda.is_available():
+            # megatron-core and the CPU workarounds (cpu_compat) key on torch.cuda.is_available(): a CPU run on a
+            # GPU host must not see the GPUs at all, and only the environment can hide them from torch.
+            raise ConfigError("train.device: cpu, but this process sees CUDA GPUs; start it with "
+                              "CUDA_VISIBLE_DEVICES= (empty) to train on the CPU, or set train.device: auto")
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"{field}, but torch {torch.__version__} ({build}) sees no GPU; run on a GPU "
+                          "node with a CUDA torch (bash launch/setup_env.sh --cuda), or set train.device: cpu")
+    local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError(f"train.device: LOCAL_RANK {local_rank} but this node has {count} visible GPU(s); "
+                          f"launch one process per GPU (--nproc-per-node {count} or less)")
+    return torch.device("cuda", local_rank)
+
+
+def backend_for(device: torch.device) -> str:
+    """The collective backend of a device: NCCL between GPUs, gloo between CPUs."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_process_group(device: torch.device | None = None) -> None:
+    """Join (or create, for a single process) the default process group on `device` (default: what
+    resolve_device("auto") picks); idempotent."""
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:  # a plain `megacrystal train`: a world of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=dist_timeout())
+    device = device or resolve_device("auto")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL starts: otherwise every rank of a node opens GPU 0
+    dist.init_process_group(backend=backend_for(device), timeout=dist_timeout())
 
 
 def configure_cpu(requested_threads: int | None) -> None:
@@ -80,7 +116,8 @@ def configure_cpu(requested_threads: int | None) -> None:
 def setup_parallel(config: Config) -> Layout:
     """Initialise torch.distributed, the CPU workarounds and megatron-core's model-parallel groups."""
     config.data_parallel_size(world_size_from_env())  # fail on a bad layout before any process group
-    init_process_group()
+    device = resolve_device(config.train.device)  # a CUDA run without a GPU fails here, in one line
+    init_process_group(device)
     from . import cpu_compat
 
     cpu_compat.apply()
@@ -99,7 +136,6 @@ def setup_parallel(config: Config) -> Layout:
     )
     model_parallel_cuda_manual_seed(config.train.seed)
     configure_cpu(config.train.threads)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return Layout(
         rank=dist.get_rank(), world_size=dist.get_world_size(), tp=p.tp, pp=p.pp,
         dp=ps.get_data_parallel_world_size(), vpp=p.vpp,

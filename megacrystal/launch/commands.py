@@ -8,6 +8,7 @@ import shlex
 def register(subparsers) -> None:
     """Add `launch slurm` to the megacrystal command line."""
     from ..cli import add_config_args
+    from .slurm import CPU_BIND_MODES
 
     launch = subparsers.add_parser("launch", help="launch a run on a cluster (SLURM)")
     targets = launch.add_subparsers(dest="target", required=True)
@@ -34,6 +35,19 @@ def register(subparsers) -> None:
                        help="stop requeueing after this many restarts (default 50)")
     slurm.add_argument("--sbatch", dest="sbatch_extra", action="append", default=[], metavar="OPTION",
                        help="one more #SBATCH option, e.g. --sbatch=--qos=high (repeatable)")
+    slurm.add_argument("--python", default=None, metavar="PATH",
+                       help="the python the nodes run (default: this one, i.e. the env setup_env.sh built)")
+    slurm.add_argument("--cpu-bind", default=None, metavar="MODE",
+                       help="GPU nodes: bind each trainer to CPUs near its GPU (torchrun --numa-binding; needs "
+                            f"numactl on the nodes): {', '.join(CPU_BIND_MODES)} (default node)")
+    slurm.add_argument("--nccl-socket-ifname", metavar="IFACES",
+                       help="GPU nodes: NCCL_SOCKET_IFNAME for the trainers, e.g. ib0 or ^lo,docker (default: "
+                            "NCCL picks)")
+    slurm.add_argument("--nccl-ib-hca", metavar="HCAS",
+                       help="GPU nodes: NCCL_IB_HCA, e.g. mlx5_0,mlx5_1 (default: NCCL picks)")
+    slurm.add_argument("--no-check", action="store_true",
+                       help="skip the checks on this host (data, tokenizer and run paths exist or can be created; "
+                            "the job's torch has CUDA when GPUs are asked for): for files only the nodes see")
     mode = slurm.add_mutually_exclusive_group(required=True)
     mode.add_argument("--dry-run", action="store_true", help="print the script")
     mode.add_argument("--submit", action="store_true", help="sbatch the script and print the job id")
@@ -45,11 +59,12 @@ def _command_line(args: argparse.Namespace) -> str:
     words = ["megacrystal", "launch", "slurm", "--config", args.config, "--nodes", str(args.nodes),
              "--gpus-per-node", str(args.gpus_per_node)]
     for flag in ("cpus_per_node", "partition", "time", "account", "signal_before", "job_name", "log_dir",
-                 "max_requeues"):
+                 "max_requeues", "python", "cpu_bind", "nccl_socket_ifname", "nccl_ib_hca"):
         value = getattr(args, flag)
         if value is not None:
             words += [f"--{flag.replace('_', '-')}", str(value)]
     words += [f"--sbatch={extra}" for extra in args.sbatch_extra]
+    words += ["--no-check"] if args.no_check else []
     for item in args.overrides:
         words += ["--set", item]
     words.append("--submit" if args.submit else "--dry-run")
@@ -64,7 +79,9 @@ def run_slurm(args: argparse.Namespace) -> int:
         config=args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node, overrides=list(args.overrides),
         cpus_per_node=args.cpus_per_node, partition=args.partition, time=args.time, account=args.account,
         signal_before=args.signal_before, job_name=args.job_name, log_dir=args.log_dir,
-        max_requeues=args.max_requeues, sbatch_extra=list(args.sbatch_extra)))
+        max_requeues=args.max_requeues, sbatch_extra=list(args.sbatch_extra), cpu_bind=args.cpu_bind,
+        nccl_socket_ifname=args.nccl_socket_ifname, nccl_ib_hca=args.nccl_ib_hca, check=not args.no_check,
+        **({"python": args.python} if args.python else {})))
     script = render(job, _command_line(args))
     if args.dry_run:
         print(script, end="")

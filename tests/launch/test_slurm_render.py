@@ -1,4 +1,7 @@
-"""`megacrystal launch slurm --dry-run`: the script it prints, byte for byte for a 4-node x 8-GPU run, and safely."""
+"""`megacrystal launch slurm --dry-run`: the script it prints, byte for byte for a 4-node x 8-GPU run, and safely.
+
+The 7B's data paths are placeholders and this host's torch has no CUDA, so its renders pass --no-check (the checks
+on the submitting host have their own tests in test_slurm_checks.py)."""
 import os
 import re
 import subprocess
@@ -18,7 +21,7 @@ SEVEN_B = [
     # a blend change from the command line: phase 2 with more code, phase 3 with all Python
     "--set", "data.phases.phase2.weights={c4: 0.2, commoncrawl: 0.4, github: 0.05, starcoder: 0.35}",
     "--set", "data.phases.phase3.weights={python: 1.0}",
-    "--dry-run",
+    "--no-check", "--dry-run",
 ]
 
 
@@ -61,6 +64,55 @@ def test_the_script_carries_what_a_preemptible_multi_node_job_needs(monkeypatch,
     assert "trap on_usr1 USR1" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
 
 
+def test_gpu_nodes_get_one_trainer_per_gpu_bound_near_it_and_the_nccl_settings(monkeypatch, capsys):
+    script = _render(SEVEN_B, monkeypatch, capsys)
+    assert "NPROC_PER_NODE=8 " in script and "--gpus-per-node=8 --cpu-bind=none" in script  # srun: all CPUs
+    assert "CPU_BIND=node " in script and '--numa-binding="$CPU_BIND"' in script
+    # tp 2 with sequence parallelism: megatron-core's comm overlap wants kernels in launch order
+    assert "\nexport CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}\n" in script
+    assert "\nexport MEGACRYSTAL_REQUIRE_CUDA=1\n" in script  # no silent fall-back to the CPU on a GPU node
+    assert "NCCL_SOCKET_IFNAME" not in script and "NCCL_IB_HCA" not in script  # NCCL picks unless told
+    script = _render([*SEVEN_B, "--nccl-socket-ifname", "^lo,docker", "--nccl-ib-hca", "=mlx5_0:1,mlx5_1:1",
+                      "--cpu-bind", "exclusive"], monkeypatch, capsys)
+    assert "\nexport NCCL_SOCKET_IFNAME='^lo,docker'\nexport NCCL_IB_HCA==mlx5_0:1,mlx5_1:1\n" in script
+    assert "CPU_BIND=exclusive " in script
+    script = _render([*SEVEN_B, "--set", "parallel.tp=1", "--set", "parallel.sp=false", "--cpu-bind", "none"],
+                     monkeypatch, capsys)
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in script and "CPU_BIND= " in script
+
+
+def test_the_node_function_binds_trainers_only_where_numactl_exists(monkeypatch, capsys, tmp_path):
+    """node_main of the rendered script, run by bash with srun's variables and the python replaced by a recorder."""
+    script = _render(SEVEN_B, monkeypatch, capsys)
+    start = script.index("log() {")
+    functions = script[start:script.index("\nSRUN_PID=", start)]
+    record = tmp_path / "argv"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
+    fake.chmod(0o755)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("scontrol", "hostname", "date", "sed", "head", "awk", "getent", "printf"):
+        found = subprocess.run(["bash", "-c", f"command -v {tool}"], capture_output=True, text=True).stdout.strip()
+        if found.startswith("/"):
+            (bin_dir / tool).symlink_to(found)
+    env = {"PATH": str(bin_dir), "PYTHON": str(fake), "CPU_BIND": "node", "NPROC_PER_NODE": "8",
+           "SLURMD_NODENAME": "gpu1", "SLURM_NODEID": "0", "SLURM_NNODES": "4", "SLURM_JOB_ID": "7",
+           "STATUS_DIR": str(tmp_path), "HEAD_ADDR": "10.0.0.1", "RDZV_PORT": "29500", "GLOO_SOCKET_IFNAME": "eth0"}
+
+    def argv() -> list[str]:
+        out = subprocess.run(["/bin/bash", "-c", functions + '\nnode_main train --x'], env=env, capture_output=True,
+                             text=True)
+        assert out.returncode == 0, out.stderr
+        return record.read_text().split("\n")
+
+    assert not any(a.startswith("--numa-binding") for a in argv())  # no numactl on PATH: unbound, but running
+    (bin_dir / "numactl").symlink_to("/bin/true")
+    words = argv()
+    assert "--numa-binding=node" in words and words.index("--numa-binding=node") < words.index("-m", 2)
+    assert words[words.index("-m", 2):] == ["-m", "megacrystal.launch.worker", "train", "--x", ""]
+
+
 def _train_args(script: str, tmp_path: Path) -> list[str]:
     """The argument vector the script hands to every node (its TRAIN_ARGS array, evaluated by bash)."""
     start = script.index("TRAIN_ARGS=(")
@@ -77,7 +129,8 @@ def test_set_overrides_reach_the_trainer_verbatim_however_they_are_quoted(monkey
              "data.datasets.book.inputs=[\"/x/a b/$HOME/\\n\\\"q\\\"\", \"line\\nbreak\"]",
              "data.datasets.css.inputs=['/x/new\nline; touch pwned3']",  # a real newline
              "data.phases.phase1.weights={arxiv: 0.5, c4: 0.5}"]
-    args = ["launch", "slurm", "--config", "configs/crystal-7b.yaml", "--nodes", "2", "--gpus-per-node", "8"]
+    args = ["launch", "slurm", "--config", "configs/crystal-7b.yaml", "--nodes", "2", "--gpus-per-node", "8",
+            "--no-check"]
     for item in nasty:
         args += ["--set", item]
     script = _render(args + ["--dry-run"], monkeypatch, capsys)
@@ -93,10 +146,11 @@ def test_set_overrides_reach_the_trainer_verbatim_however_they_are_quoted(monkey
 
 def test_cpu_nodes_run_one_process_per_requested_cpu_or_per_allocated_cpu(monkeypatch, capsys, tmp_path):
     base = ["launch", "slurm", "--config", "configs/crystal-tiny.yaml", "--nodes", "2", "--gpus-per-node", "0",
-            "--set", f"run.dir={tmp_path}/run", "--dry-run"]
+            "--set", f"run.dir={tmp_path}/run", "--set", f"data.dir={tmp_path}", "--dry-run"]
     script = _render(base + ["--cpus-per-node", "2"], monkeypatch, capsys)
     assert "NPROC_PER_NODE=2 " in script and "#SBATCH --cpus-per-task=2" in script
     assert "--gpus-per-node" not in "".join(re.findall(r"^#SBATCH .*$", script, re.M))
+    assert "CPU_BIND= " in script and not re.search(r"^export (CUDA|NCCL|MEGACRYSTAL_REQUIRE)", script, re.M)
     script = _render(base, monkeypatch, capsys)
     assert "NPROC_PER_NODE= " in script and "#SBATCH --exclusive" in script  # decided per node at run time
 
@@ -121,7 +175,7 @@ def test_submit_without_sbatch_says_so(monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
     code = main(["launch", "slurm", "--config", "configs/crystal-tiny.yaml", "--nodes", "1", "--gpus-per-node",
-                 "0", "--set", f"run.dir={tmp_path}/run", "--submit"])
+                 "0", "--set", f"run.dir={tmp_path}/run", "--set", f"data.dir={tmp_path}", "--submit"])
     assert code == 2 and "sbatch is not on PATH" in capsys.readouterr().err
 
 
@@ -133,7 +187,7 @@ def test_submit_prints_the_job_id(monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
     code = main(["launch", "slurm", "--config", "configs/crystal-tiny.yaml", "--nodes", "1", "--gpus-per-node",
-                 "0", "--set", f"run.dir={tmp_path}/run", "--submit"])
+                 "0", "--set", f"run.dir={tmp_path}/run", "--set", f"data.dir={tmp_path}", "--submit"])
     captured = capsys.readouterr()
     assert code == 0 and captured.out == "4242\n", captured.err
     assert (tmp_path / "run" / "slurm" / "crystal-tiny.sbatch").is_file()  # the script that ran, next to its logs
