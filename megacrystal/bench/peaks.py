@@ -16,10 +16,17 @@ DEVICE_PEAKS_TFLOPS = {
     "MI300X": {"bf16": 1307.0, "fp32": 163.4},
 }
 
+# What torch.cuda.get_device_name() reports for boards whose name lacks the table's words: the SXM H100
+# calls itself "H100 80GB HBM3" (the PCIe card says "PCIe").
+DEVICE_NAME_ALIASES = {"H100 80GB HBM3": "H100 SXM"}
+
 
 def device_peak_tflops(device_name: str, precision: str) -> float | None:
     """The table's peak for a CUDA device name (e.g. 'NVIDIA H100 80GB HBM3'), or None when unknown."""
     name = device_name.upper()
+    for alias, key in DEVICE_NAME_ALIASES.items():
+        if all(w in name for w in alias.upper().split()) and "PCIE" not in name:
+            return DEVICE_PEAKS_TFLOPS[key][precision] or None
     for key in sorted(DEVICE_PEAKS_TFLOPS, key=len, reverse=True):
         words = key.upper().split()
         if all(w in name for w in words):

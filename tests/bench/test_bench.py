@@ -41,6 +41,8 @@ def test_bad_repeat_is_a_one_line_error(repeat, synthetic_config, tmp_path, caps
 def test_dense_peaks_by_device_name():
     assert device_peak_tflops("NVIDIA H100 80GB HBM3 SXM", "bf16") == 989.0
     assert device_peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
+    assert device_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0  # the SXM board's CUDA name
+    assert device_peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
     assert device_peak_tflops("Some Future GPU", "bf16") is None
 
 
