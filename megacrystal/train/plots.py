@@ -13,8 +13,8 @@ from .records import StepRecord, read_records
 
 def format_tokens(n: float, _pos=None) -> str:
     """16384 -> '16.4K', 2.5e9 -> '2.5B' (a tick label: three significant digits at most)."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale * 0.9995:  # 999,999 is '1M', not '1e+03K'
             return f"{n / scale:.3g}{unit}"
     return f"{n:.3g}"
 

@@ -49,7 +49,9 @@ def run_summary(records: list[StepRecord], first_step: int, wall_s: float, ended
         lines.append(f"  time: {_duration(wall_s)} wall for {len(session):,} steps; {tokens / step_s:,.0f} tokens/s "
                      f"in steps ({step_s:.1f} s), {tokens / wall_s:,.0f} tokens/s over the wall time")
     lines.append(f"  checkpoint: {checkpoint or 'none saved this session'}")
-    lines.append(f"  metrics: {metrics}" + (f" | plots: {', '.join(str(p) for p in plots)}" if plots else ""))
+    lines.append(f"  metrics: {metrics}")
+    if plots:
+        lines.append(f"  plots: {', '.join(str(p) for p in plots)}")
     return "\n".join(lines)
 
 
