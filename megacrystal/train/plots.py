@@ -61,6 +61,9 @@ def _axes(fig, spans, rows: int = 1, ratios=None) -> list:
                 ax.axvline(start, color="grey", linestyle=":", linewidth=1, zorder=0.5)
         ax.xaxis.set_major_formatter(FuncFormatter(format_tokens))
         ax.grid(alpha=0.2)
+    if spans:  # the whole plan, so every phase shows in full (and a run stopped early, where it stopped)
+        pad = 0.01 * (spans[-1][2] - spans[0][1])
+        axes[0].set_xlim(spans[0][1] - pad, spans[-1][2] + pad)
     top = axes[0]
     for name, start, end in spans:
         top.text((start + end) / 2, 1.01, name, transform=top.get_xaxis_transform(), ha="center", va="bottom",

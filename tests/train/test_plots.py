@@ -74,6 +74,7 @@ def test_blend_plot_shows_the_plan_apart_from_the_realized_line_and_names_the_ph
     assert {"prose", "python", "web", "planned", "realized"} <= {t.get_text() for t in top.get_legend().texts}
     assert [t.get_text() for t in top.texts] == ["text", "mixed", "code"]
     assert phase_spans(plan) == [("text", 0, 4 * STEP), ("mixed", 4 * STEP, 8 * STEP), ("code", 8 * STEP, 12 * STEP)]
+    assert top.get_xlim()[0] < 0 and top.get_xlim()[1] > 12 * STEP  # the whole plan, every phase in full
     assert bottom.xaxis.get_major_formatter()(16384, 0) == "16.4K"
     assert top.yaxis.get_major_formatter()(2_000_000, 0) == "2M"
 
