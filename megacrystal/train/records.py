@@ -30,7 +30,8 @@ class EvalRecord:
     bpb_per_dataset: dict[str, float] | None = None
 
     # field -> JSON key inside the step's object (val_loss is the contract's name since version 1)
-    KEYS: ClassVar[dict[str, str]] = {"loss_per_dataset": "val_loss", "bpb": "val_bpb", "bpb_per_dataset": "val_bpb_per_dataset"}
+    KEYS: ClassVar[dict[str, str]] = {"loss_per_dataset": "val_loss", "bpb": "val_bpb",
+                                      "bpb_per_dataset": "val_bpb_per_dataset"}
 
     def to_json(self) -> dict[str, Any]:
         """The `val_*` keys this evaluation adds to its step's object (None fields left out)."""
