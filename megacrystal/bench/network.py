@@ -24,7 +24,8 @@ from pathlib import Path
 from ..config import ConfigError
 from ..launch import netns
 from ..launch.processes import kill_tree
-from . import sweep
+from ..train.records import count_records
+from . import report, sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 0.25  # the issue's acceptance: predicted step within +-25% of the measured one
@@ -44,7 +45,7 @@ def parse_rates(text: str) -> list[float]:
 
 def run(args, config) -> int:
     """The whole measurement: namespaces up, calibrate, one DP=2 run per rate, namespaces down, report."""
-    from . import peaks, report
+    from . import peaks
     from .scaling import tcp_payload_fraction
 
     rates = parse_rates(args.link_rates)
@@ -113,7 +114,7 @@ def run(args, config) -> int:
     data["within_tolerance"] = data["max_abs_error"] <= TOLERANCE
     out.mkdir(parents=True, exist_ok=True)
     (out / "network.json").write_text(json.dumps(data, indent=1))
-    (out / "network.md").write_text(markdown(data) + "\n")
+    (out / "network.md").write_text(report.network_markdown(data) + "\n")
     report.add_network_section(out)
     for name in ("network.json", "network.md", "report.md", "report.json"):
         print(out / name)
@@ -182,7 +183,7 @@ def _run_ranks(commands: list[list[str]], run_dir: Path, steps: int, warmup: int
                                               start_new_session=True))
         shown = time.monotonic()
         while True:
-            done = _steps_done(run_dir)
+            done = count_records(run_dir)
             if hosts and done >= warmup and "start" not in counters:
                 counters["start"] = (done, netns.link_stats(hosts))
             if hosts and done >= steps - 1 and "end" not in counters:
@@ -212,56 +213,3 @@ def _run_ranks(commands: list[list[str]], run_dir: Path, steps: int, warmup: int
     return {"wire_bytes_per_step": [(b["bytes"] - a["bytes"]) / timed for a, b in zip(before, after)],
             "wire_packets_per_step": [(b["packets"] - a["packets"]) / timed for a, b in zip(before, after)],
             "tbf_dropped": [b["dropped"] for b in after]}
-
-
-def _steps_done(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    try:
-        return path.read_text().count("\n")
-    except OSError:
-        return 0
-
-
-def markdown(data: dict) -> str:
-    """The report section: how compute was calibrated, and predicted against measured per link rate."""
-    cal = data["calibration"]
-    first = data["rates"][0]["predicted"]
-    free = data["unthrottled"]
-    lines = [
-        "## Scaling model against a throttled link", "",
-        f"DP=2 across two network-namespace hosts (one rank x 1 thread each, gloo over a veth pair) with `tc tbf` "
-        f"limiting each direction, against `bench/scaling.py`. Compute was measured once: DP=1, 1 process x 1 "
-        f"thread, {cal['dp1']['step_time_s']:.3f} s/step = {100 * cal['efficiency']:.1f}% of the measured 1-thread "
-        f"{data['precision']} matmul peak ({cal['peak_tflops_1_thread'] * 1e3:.1f} GFLOP/s); DP=2 halves it. "
-        f"Communication is predicted: each rank sends {first['dp_bytes'] / 1e6:.3f} MB per step (the ring "
-        f"all-reduce of megatron's fp32 gradient buffer), {first['wire_bytes'] / 1e6:.3f} MB on the wire with "
-        f"TCP/IPv4/Ethernet headers and ACKs (payload {100 * data['tcp_payload_fraction']:.1f}%), at the tbf rate "
-        f"(layer-2 bits). Steps: {data['steps']} per run, the first {data['warmup']} not timed.", "",
-        "| link, each way | predicted compute s | predicted DP comm s | predicted step s | measured step s "
-        "(p10 / median / p90) | error | wire MB/step, model / measured |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in data["rates"]:
-        p, m = row["predicted"], row["measured"]
-        wire = m.get("wire_bytes_per_step")
-        measured_wire = " / ".join(f"{w / 1e6:.3f}" for w in wire) if wire else "n/a"
-        lines.append(f"| {row['mbit']:g} Mbit/s | {p['compute_s']:.3f} | {p['dp_s']:.3f} | {p['step_s']:.3f} | "
-                     f"{m['step_time_p10_s']:.3f} / **{m['step_time_s']:.3f}** / {m['step_time_p90_s']:.3f} | "
-                     f"{100 * row['error']:+.1f}% | {p['wire_bytes'] / 1e6:.3f} / {measured_wire} |")
-    fp, fm = free["predicted"], free["measured"]
-    lines.append(f"| not throttled (reference) | {fp['compute_s']:.3f} | not modelled | {fp['step_s']:.3f} | "
-                 f"{fm['step_time_p10_s']:.3f} / **{fm['step_time_s']:.3f}** / {fm['step_time_p90_s']:.3f} | "
-                 f"{100 * (fp['step_s'] / fm['step_time_s'] - 1):+.1f}% | |")
-    verdict = "within" if data["within_tolerance"] else "OUTSIDE"
-    lines += ["", f"Error = predicted / measured - 1; largest |error| over the throttled rates "
-              f"{100 * data['max_abs_error']:.1f}%, {verdict} the ±{100 * data['tolerance']:.0f}% target. Wire "
-              "MB/step: what each host's tbf sent per timed step (both directions). The unthrottled row's excess "
-              "over the predicted compute is what two busy processes and the veth at full speed add (the "
-              "optimizer step, which DP does not split, among it). Slow links spread the steps upwards (p10 near "
-              "the model): the all-reduce sends both ways at once over one TCP connection, and the senders now "
-              "and then stall, probably as each direction's ACKs wait behind data in the other's tbf queue "
-              "(checked by hand at 20 Mbit/s: a one-way gloo send of the same bytes takes the model's time every "
-              "time; a bare two-way exchange or all-reduce of them spreads like the steps). tbf's "
-              f"{data['tbf']['burst_bytes'] // 1024} KB bucket lets that much leave at once after each compute "
-              "spell; the model leaves it out."]
-    return "\n".join(lines)

@@ -165,8 +165,6 @@ _NETWORK_BEGIN, _NETWORK_END = "<!-- link-rates: begin -->", "<!-- link-rates: e
 def add_network_section(out: Path) -> None:
     """If `out` has network.json: append (or replace) the "Scaling model against a throttled link" section of
     report.md, and put network.json into report.json as "network". Either report file is made if missing."""
-    from .network import markdown
-
     path = out / "network.json"
     if not path.is_file():
         return
@@ -176,10 +174,55 @@ def add_network_section(out: Path) -> None:
     if _NETWORK_BEGIN in text:  # an earlier copy: cut it out
         head, _, rest = text.partition(_NETWORK_BEGIN)
         text = head + rest.partition(_NETWORK_END)[2].lstrip("\n")
-    md.write_text(f"{text.rstrip()}\n\n{_NETWORK_BEGIN}\n{markdown(network)}\n{_NETWORK_END}\n")
+    md.write_text(f"{text.rstrip()}\n\n{_NETWORK_BEGIN}\n{network_markdown(network)}\n{_NETWORK_END}\n")
     summary = out / "report.json"
     data = json.loads(summary.read_text()) if summary.is_file() else {}
     summary.write_text(json.dumps({**data, "network": network}, indent=1))
+
+
+def network_markdown(data: dict) -> str:
+    """The `bench --link-rates` section: how compute was calibrated, and predicted against measured per link rate."""
+    cal = data["calibration"]
+    first = data["rates"][0]["predicted"]
+    free = data["unthrottled"]
+    lines = [
+        "## Scaling model against a throttled link", "",
+        f"DP=2 across two network-namespace hosts (one rank x 1 thread each, gloo over a veth pair) with `tc tbf` "
+        f"limiting each direction, against `bench/scaling.py`. Compute was measured once: DP=1, 1 process x 1 "
+        f"thread, {cal['dp1']['step_time_s']:.3f} s/step = {100 * cal['efficiency']:.1f}% of the measured 1-thread "
+        f"{data['precision']} matmul peak ({cal['peak_tflops_1_thread'] * 1e3:.1f} GFLOP/s); DP=2 halves it. "
+        f"Communication is predicted: each rank sends {first['dp_bytes'] / 1e6:.3f} MB per step (the ring "
+        f"all-reduce of megatron's fp32 gradient buffer), {first['wire_bytes'] / 1e6:.3f} MB on the wire with "
+        f"TCP/IPv4/Ethernet headers and ACKs (payload {100 * data['tcp_payload_fraction']:.1f}%), at the tbf rate "
+        f"(layer-2 bits). Steps: {data['steps']} per run, the first {data['warmup']} not timed.", "",
+        "| link, each way | predicted compute s | predicted DP comm s | predicted step s | measured step s "
+        "(p10 / median / p90) | error | wire MB/step, model / measured |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in data["rates"]:
+        p, m = row["predicted"], row["measured"]
+        wire = m.get("wire_bytes_per_step")
+        measured_wire = " / ".join(f"{w / 1e6:.3f}" for w in wire) if wire else "n/a"
+        lines.append(f"| {row['mbit']:g} Mbit/s | {p['compute_s']:.3f} | {p['dp_s']:.3f} | {p['step_s']:.3f} | "
+                     f"{m['step_time_p10_s']:.3f} / **{m['step_time_s']:.3f}** / {m['step_time_p90_s']:.3f} | "
+                     f"{100 * row['error']:+.1f}% | {p['wire_bytes'] / 1e6:.3f} / {measured_wire} |")
+    fp, fm = free["predicted"], free["measured"]
+    lines.append(f"| not throttled (reference) | {fp['compute_s']:.3f} | not modelled | {fp['step_s']:.3f} | "
+                 f"{fm['step_time_p10_s']:.3f} / **{fm['step_time_s']:.3f}** / {fm['step_time_p90_s']:.3f} | "
+                 f"{100 * (fp['step_s'] / fm['step_time_s'] - 1):+.1f}% | |")
+    verdict = "within" if data["within_tolerance"] else "OUTSIDE"
+    lines += ["", f"Error = predicted / measured - 1; largest |error| over the throttled rates "
+              f"{100 * data['max_abs_error']:.1f}%, {verdict} the ±{100 * data['tolerance']:.0f}% target. Wire "
+              "MB/step: what each host's tbf sent per timed step (both directions). The unthrottled row's excess "
+              "over the predicted compute is what two busy processes and the veth at full speed add (the "
+              "optimizer step, which DP does not split, among it). Slow links spread the steps upwards (p10 near "
+              "the model): the all-reduce sends both ways at once over one TCP connection, and the senders now "
+              "and then stall, probably as each direction's ACKs wait behind data in the other's tbf queue "
+              "(checked by hand at 20 Mbit/s: a one-way gloo send of the same bytes takes the model's time every "
+              "time; a bare two-way exchange or all-reduce of them spreads like the steps). tbf's "
+              f"{data['tbf']['burst_bytes'] // 1024} KB bucket lets that much leave at once after each compute "
+              "spell; the model leaves it out."]
+    return "\n".join(lines)
 
 
 def _plots(out: Path, rows: list[dict], ceilings: dict[int, dict]) -> list[Path]:

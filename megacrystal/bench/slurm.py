@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..config import ConfigError, load_config
 from ..launch.slurm import SlurmJob, render, resolve, submit
+from ..train.records import metrics_path
 from .sweep import BenchLR, Point, overrides_for
 
 # States after which a job runs no more (squeue/sacct spelling); every other state is still on its way.
@@ -201,7 +202,7 @@ def _sacct_state(job_id: str) -> str | None:
 
 def _check_ended(j: PointJob) -> None:
     """Raise the one-line error of a job that ended without its measurements."""
-    metrics = j.run_dir / "metrics.jsonl"
+    metrics = metrics_path(j.run_dir)
     if j.state in ENDED and j.state != "COMPLETED":
         raise ConfigError(f"bench point {j.point.name}: SLURM job {j.job_id} {j.state}; {j.log}: {_last_line(j.log)}")
     if j.state in ("COMPLETED", "ENDED") and not metrics.is_file():

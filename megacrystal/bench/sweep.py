@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError
+from ..train.records import read_records
 
 # sweep key -> the --set overrides it becomes (dp is what the world size leaves, so it sets the world size).
 _KEYS = {
@@ -187,32 +188,31 @@ def run_point(config_path: str, base_overrides: list[str], point: Point, steps: 
 def measure(run_dirs: list[Path], warmup: int) -> dict:
     """Step-time statistics after `warmup` steps, from the metrics.jsonl of one point's runs (one per round),
     their timed steps pooled."""
-    runs = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in run_dirs]
+    runs = [read_records(d) for d in run_dirs]
     for run_dir, run in zip(run_dirs, runs):
         if len(run) - warmup < 3:
             raise ConfigError(f"{run_dir}: only {len(run) - warmup} steps after warm-up; raise --steps")
     records, timed = runs[0], [r for run in runs for r in run[warmup:]]
-    times = sorted(r["step_time_s"] for r in timed)
-    tokens = records[0]["tokens"]  # cumulative after the first step = tokens per step
+    times = sorted(r.step_time_s for r in timed)
+    tokens = records[0].tokens  # cumulative after the first step = tokens per step
     median = statistics.median(times)
+    log_median = statistics.median(r.log_time_s for r in timed)
     return {
         "steps_timed": len(timed),
-        "round_step_times_s": [statistics.median(r["step_time_s"] for r in run[warmup:]) for run in runs],
-        "first_step_s": records[0]["step_time_s"],  # includes torch.compile's compile (or cache load) time
+        "round_step_times_s": [statistics.median(r.step_time_s for r in run[warmup:]) for run in runs],
+        "first_step_s": records[0].step_time_s,  # includes torch.compile's compile (or cache load) time
         "step_time_s": median,
         "step_time_p10_s": times[len(times) // 10],
         "step_time_p90_s": times[min(len(times) - 1, (9 * len(times)) // 10)],
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / median,
         # the first round's losses: every round trains the same steps on the same batches
-        "loss_last": records[-1]["loss"],
-        "loss_tail_mean": statistics.fmean(r["loss"] for r in records[-LOSS_TAIL_STEPS:]),
+        "loss_last": records[-1].loss,
+        "loss_tail_mean": statistics.fmean(r.loss for r in records[-LOSS_TAIL_STEPS:]),
         "loss_tail_steps": min(LOSS_TAIL_STEPS, len(records)),
-        "memory_mb": max((r.get("memory_mb") or 0) for run in runs for r in run) or None,
+        "memory_mb": max((r.memory_mb or 0) for run in runs for r in run) or None,
         # data loading (inside the step) and metrics/progress writing (between steps), as a share of the step
-        "data_and_log_share": (statistics.median(r.get("data_time_s", 0.0) for r in timed)
-                               + statistics.median(r.get("log_time_s", 0.0) for r in timed))
-                              / (median + statistics.median(r.get("log_time_s", 0.0) for r in timed)),
+        "data_and_log_share": (statistics.median(r.data_time_s for r in timed) + log_median) / (median + log_median),
     }
 
 

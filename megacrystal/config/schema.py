@@ -86,6 +86,9 @@ class DeepSpeedSection(_Section):
 
 class TrainSection(_Section):
     steps: Optional[int] = Field(None, gt=0)  # without data.phases; with phases their budgets decide
+    # stop after this global step with a checkpoint, short of the plan (phase budgets unchanged); a later run
+    # with a larger value, or none, resumes from it. Like Megatron's --exit-interval.
+    max_steps: Optional[int] = Field(None, gt=0)
     global_batch_size: int = Field(gt=0)
     micro_batch_size: int = Field(1, gt=0)
     seed: int = 1234

@@ -73,24 +73,24 @@ def _t(x: torch.Tensor) -> torch.Tensor:
     return x.t().contiguous()
 
 
-_GLOBAL_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+def _layer_pattern(prefix: str) -> re.Pattern:
+    return re.compile(re.escape(prefix) + r"\.(\d+)\.(.+)\.(weight|bias)")
 
 
-def _global_layer_parts(name: str) -> tuple[int, str, str]:
-    """'decoder.layers.3.mlp.linear_fc1.bias' -> (3, 'mlp.linear_fc1', 'bias'); KeyError for anything else."""
-    match = _GLOBAL_LAYER.fullmatch(name)
+_GLOBAL_LAYER = _layer_pattern("decoder.layers")
+
+
+def _layer_parts(name: str, pattern: re.Pattern, kind: str) -> tuple[int, str, str]:
+    """A per-layer key's (layer, module, param), e.g. 'decoder.layers.3.mlp.linear_fc1.bias' ->
+    (3, 'mlp.linear_fc1', 'bias'), in any of the three namings; KeyError('not a <kind>: name') otherwise."""
+    match = pattern.fullmatch(name)
     if match is None:
-        raise KeyError(f"not a megacrystal parameter: {name}")
+        raise KeyError(f"not a {kind}: {name}")
     return int(match.group(1)), match.group(2), match.group(3)
 
 
-def _split(name: str, pattern: re.Pattern) -> tuple[int, str] | None:
-    match = pattern.fullmatch(name)
-    return (int(match.group(1)), match.group(2)) if match else None
-
-
 # -- Cerebras Model Zoo GPT-2/3 (crystal-spec §4.2) ---------------------------------------------------------------
-_CS_LAYER = re.compile(r"transformer_decoder\.layers\.(\d+)\.(.+)")
+_CS_LAYER = _layer_pattern("transformer_decoder.layers")
 _CS_FROM_GLOBAL_SIMPLE = {
     "norm1": "input_layernorm",
     "norm3": "pre_mlp_layernorm",
@@ -121,11 +121,7 @@ def cs_tensor(name: str, get: Getter, num_heads: int) -> torch.Tensor:
         return get(EMBEDDING)
     if name.startswith("transformer_decoder.norm."):
         return get(f"{FINAL_NORM}.{name.rsplit('.', 1)[1]}")
-    parts = _split(name, _CS_LAYER)
-    if parts is None:
-        raise KeyError(f"not a CS Crystal key: {name}")
-    i, rest = parts
-    module, param = rest.rsplit(".", 1)
+    i, module, param = _layer_parts(name, _CS_LAYER, "CS Crystal key")
     prefix = f"decoder.layers.{i}."
     if module in _CS_FROM_GLOBAL_SIMPLE:
         return get(f"{prefix}{_CS_FROM_GLOBAL_SIMPLE[module]}.{param}")
@@ -142,7 +138,7 @@ def global_from_cs(name: str, get: Getter, num_heads: int) -> torch.Tensor:
         return get("embedding_layer.word_embeddings.weight")
     if name.startswith(FINAL_NORM + "."):
         return get(f"transformer_decoder.norm.{name.rsplit('.', 1)[1]}")
-    i, module, param = _global_layer_parts(name)
+    i, module, param = _layer_parts(name, _GLOBAL_LAYER, "megacrystal parameter")
     prefix = f"transformer_decoder.layers.{i}."
     for cs, mine in _CS_FROM_GLOBAL_SIMPLE.items():
         if module == mine:
@@ -157,7 +153,7 @@ def global_from_cs(name: str, get: Getter, num_heads: int) -> torch.Tensor:
 
 
 # -- Hugging Face CrystalCoderLMHeadModel (crystal-spec §4.2, §1.5) -----------------------------------------------
-_HF_LAYER = re.compile(r"transformer\.h\.(\d+)\.(.+)")
+_HF_LAYER = _layer_pattern("transformer.h")
 _HF_NORMS = {"ln_1": "input_layernorm", "ln_2": "pre_mlp_layernorm"}
 _HF_CONV = {"attn.c_proj": "self_attention.linear_proj", "mlp.c_proj": "mlp.linear_fc2"}
 HF_BUFFERS = ("attn.bias", "attn.masked_bias")  # causal-mask buffers some HF checkpoints carry; not weights
@@ -177,11 +173,7 @@ def hf_tensor(name: str, get: Getter, num_heads: int) -> torch.Tensor:
         return get(EMBEDDING)
     if name.startswith("transformer.ln_f."):
         return get(f"{FINAL_NORM}.{name.rsplit('.', 1)[1]}")
-    parts = _split(name, _HF_LAYER)
-    if parts is None:
-        raise KeyError(f"not a CrystalCoder HF key: {name}")
-    i, rest = parts
-    module, param = rest.rsplit(".", 1)
+    i, module, param = _layer_parts(name, _HF_LAYER, "CrystalCoder HF key")
     prefix = f"decoder.layers.{i}."
     if module in _HF_NORMS:
         return get(f"{prefix}{_HF_NORMS[module]}.{param}")
@@ -205,7 +197,7 @@ def global_from_hf(name: str, get: Getter, num_heads: int) -> torch.Tensor:
         return get("transformer.wte.weight")
     if name.startswith(FINAL_NORM + "."):
         return get(f"transformer.ln_f.{name.rsplit('.', 1)[1]}")
-    i, module, param = _global_layer_parts(name)
+    i, module, param = _layer_parts(name, _GLOBAL_LAYER, "megacrystal parameter")
     prefix = f"transformer.h.{i}."
 
     def linear(hf_module: str) -> torch.Tensor:

@@ -14,12 +14,15 @@ from ..distributed.runtime import Layout, setup_parallel, teardown_parallel, wor
 from ..model.size import flops_per_token
 from ..schedule.from_config import plan_for
 from ..schedule.plan import RunPlan
+from .cadence import Cadence, End
 from .checkpointing import Checkpointer
 from .eval import Evaluator
-from .metrics import MetricsWriter, truncate_jsonl
+from .metrics import MetricsWriter
 from .profiling import StepProfiler
 from .progress import Progress
+from .records import StepRecord, metrics_path, read_records, truncate_jsonl
 from .signals import Preempted, StopWatch
+from .summary import run_summary
 
 
 def build_engine(config: Config, layout: Layout):
@@ -48,12 +51,14 @@ def open_data(config: Config, plan: RunPlan):
     return source, valid_streams
 
 
-def train(config: Config, resume: str = "auto") -> list[dict]:
-    """Train through every phase of the run; return the metrics records of the steps run (on every rank).
+def train(config: Config, resume: str = "auto") -> list[StepRecord]:
+    """Train through every phase of the run (or to train.max_steps); return the step records of the steps run
+    (on every rank).
 
     `resume` is auto (the newest intact checkpoint, if any), a checkpoint path, or none. A stop signal or the
     time budget ends the run early with a checkpoint by raising Preempted.
     """
+    started = time.perf_counter()
     config.data_parallel_size(world_size_from_env())  # layout errors first, then plan and data errors
     if config.engine == "deepspeed":
         from ..engines.deepspeed_config import validate
@@ -90,13 +95,22 @@ def train(config: Config, resume: str = "auto") -> list[dict]:
             records = loop.run(start, events=[f"blend change: {change.describe()}"] if change else [])
         finally:
             metrics.close()
-        if layout.is_main:
-            from .plots import plot_run
-
-            print("plots: " + ", ".join(str(p) for p in plot_run(run_dir)), flush=True)
+            if layout.is_main and loop.end:  # a run that failed gets no summary
+                _finish(run_dir, loop, start, time.perf_counter() - started)
         return records
     finally:
         teardown_parallel()
+
+
+def _finish(run_dir: Path, loop: _Loop, start: int, wall_s: float) -> None:
+    """Plots (not after a stop request: its time goes to exiting) and the end-of-run summary."""
+    plots = []
+    if loop.end != "stop_request":
+        from .plots import plot_run
+
+        plots = plot_run(run_dir)
+    print(run_summary(read_records(run_dir), start, wall_s, loop.end_note, loop.checkpoint, plots,
+                      metrics_path(run_dir)), flush=True)
 
 
 class _Loop:
@@ -105,45 +119,51 @@ class _Loop:
     def __init__(self, config, plan, layout, engine, source, evaluator, metrics, checkpointer):
         self.config, self.plan, self.layout, self.engine = config, plan, layout, engine
         self.source, self.evaluator, self.metrics, self.checkpointer = source, evaluator, metrics, checkpointer
-        self.ends = {b.end_step for b in plan.boundaries()}
+        self.cadence = Cadence.for_run(config, plan, evaluates=evaluator is not None)
         self.flops_per_token = flops_per_token(config.model)
         self.samples_log = Path(config.run_dir()) / "samples.jsonl" if config.data.log_samples else None
+        self.checkpoint: str | None = None  # the last checkpoint this session saved
+        self.end: End | None = None  # why the run ended; None while it runs or when it failed
+        self.end_note = ""
 
-    def run(self, start: int, events: list[str]) -> list[dict]:
+    def run(self, start: int, events: list[str]) -> list[StepRecord]:
         t, c = self.config.train, self.config.checkpoint
-        progress = Progress(self.plan.total_steps, first_step=start, enabled=self.layout.is_main)
+        if start >= self.cadence.last_step:  # nothing left: say why in the summary
+            self.end = "plan" if start >= self.plan.total_steps else "max_steps"
+            self.end_note = _END_NOTES[self.end].format(max_steps=t.max_steps) + " before this session"
+            return []
+        progress = Progress(self.cadence.last_step, first_step=start, enabled=self.layout.is_main)
         watch = StopWatch(c.stop_signals, c.time_limit_s, self.layout.device)
         profiler = StepProfiler(t.profile_steps, Path(self.config.run_dir()), self.layout.rank)
         records = []
         log_seconds = 0.0
         try:
-            for step in range(start, self.plan.total_steps):
+            for step in range(start, self.cadence.last_step):
                 with profiler.around(step):
                     record = self._step(step)
-                if events:
-                    record["events"], events = events, []
-                reason, record["memory_mb"] = watch.should_stop(record["step_time_s"], _peak_memory_mb())
-                record["log_time_s"] = log_seconds  # writing the previous step's metrics and progress line
+                record.events, events = events or None, []
+                reason, record.memory_mb = watch.should_stop(record.step_time_s, _peak_memory_mb())
+                act = self.cadence.decide(step + 1, stop_requested=reason is not None)
+                if act.eval:
+                    record.eval = self.evaluator.run(self.engine)
+                record.log_time_s = log_seconds  # writing the previous step's metrics and progress line
                 records.append(record)
                 logged = time.perf_counter()
                 self.metrics.write(record)
-                if (step + 1) % t.log_interval == 0 or step + 1 == self.plan.total_steps or "val_loss" in record:
-                    extra = f"{record['phase']} | grad {record['grad_norm']:.3f}"
-                    if "val_loss" in record:
-                        extra += " | val " + " ".join(f"{k} {v:.3f}" for k, v in record["val_loss"].items())
-                    progress.line(step, record["loss"], record["lr"], record["tokens_per_s"], extra)
+                if act.log:
+                    progress.line(step, record.loss, record.lr, record.tokens_per_s, _extra(record))
                 log_seconds = time.perf_counter() - logged
-                last = step + 1 == self.plan.total_steps
-                phase_end = step + 1 in self.ends
-                if (c.interval and (step + 1) % c.interval == 0) or (phase_end and c.phase_end) or last or reason:
-                    self._save(step, record, phase_end)
-                if reason and not last:
+                if act.checkpoint:
+                    self._save(record, act.phase_end)
+                if act.end:
+                    self.end, self.end_note = act.end, _END_NOTES[act.end].format(max_steps=t.max_steps, reason=reason)
+                if act.end == "stop_request":
                     raise Preempted(step + 1, reason)
         finally:
             watch.restore()
         return records
 
-    def _step(self, step: int) -> dict:
+    def _step(self, step: int) -> StepRecord:
         t, m = self.config.train, self.config.model
         layout, plan = self.layout, self.plan
         started = time.perf_counter()
@@ -164,32 +184,32 @@ class _Loop:
         seconds = time.perf_counter() - started
         tokens_per_s = result.tokens / seconds
         tflops = self.flops_per_token * tokens_per_s / layout.world_size / 1e12
-        record = {
-            "step": step + 1,
-            "phase": phase.name,
-            "tokens": (step + 1) * plan.tokens_per_step,
-            "loss": result.loss,
-            "lr": lr,
-            "grad_norm": result.grad_norm,
-            "skipped": result.skipped,
-            "step_time_s": seconds,
-            "data_time_s": data_seconds,  # part of step_time_s: drawing, reading and slicing the batch
-            "tokens_per_s": tokens_per_s,
-            "tflops_per_device": tflops,
-            "mfu": tflops / t.peak_tflops_per_device if t.peak_tflops_per_device else None,
-            "samples": batch.counts,
-            "consumed_tokens": {name: n * m.seq_length for name, n in self.source.consumed_samples().items()},
-        }
-        interval = self.config.data.eval_interval
-        if self.evaluator and ((interval and (step + 1) % interval == 0) or step + 1 in self.ends):
-            record["val_loss"] = self.evaluator.run(self.engine)
-        return record
+        return StepRecord(
+            step=step + 1, phase=phase.name, tokens=(step + 1) * plan.tokens_per_step, loss=result.loss, lr=lr,
+            grad_norm=result.grad_norm, skipped=result.skipped, step_time_s=seconds, data_time_s=data_seconds,
+            tokens_per_s=tokens_per_s, tflops_per_device=tflops,
+            mfu=tflops / t.peak_tflops_per_device if t.peak_tflops_per_device else None,
+            samples=batch.counts,
+            consumed_tokens={name: n * m.seq_length for name, n in self.source.consumed_samples().items()},
+        )
 
-    def _save(self, step: int, record: dict, phase_end: bool) -> None:
-        state = {"step": step + 1, "tokens": record["tokens"], "phase": record["phase"],
-                 "consumed_tokens": record["consumed_tokens"], "data": self.source.state_dict()}
-        path = self.checkpointer.save(state, phase_end)
-        _say(self.layout, f"checkpoint saved: {path}")
+    def _save(self, record: StepRecord, phase_end: bool) -> None:
+        state = {"step": record.step, "tokens": record.tokens, "phase": record.phase,
+                 "consumed_tokens": record.consumed_tokens, "data": self.source.state_dict()}
+        self.checkpoint = str(self.checkpointer.save(state, phase_end))
+        _say(self.layout, f"checkpoint saved: {self.checkpoint}")
+
+
+_END_NOTES = {"plan": "plan complete", "max_steps": "train.max_steps {max_steps} reached",
+              "stop_request": "stopped: {reason}"}
+
+
+def _extra(record: StepRecord) -> str:
+    """The progress line's tail: phase, gradient norm and, after an evaluation, the validation losses."""
+    extra = f"{record.phase} | grad {record.grad_norm:.3f}"
+    if record.eval is not None:
+        extra += " | val " + " ".join(f"{k} {v:.3f}" for k, v in record.eval.loss_per_dataset.items())
+    return extra
 
 
 def _peak_memory_mb() -> float:

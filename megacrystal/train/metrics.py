@@ -1,20 +1,11 @@
-"""The metrics contract: one JSON object per logged step in metrics.jsonl, the same scalars in TensorBoard."""
+"""The metrics contract's two outputs: step records in metrics.jsonl (train/records.py) and TensorBoard scalars."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-
-def truncate_jsonl(path: Path, after_step: int) -> None:
-    """Drop the records of steps after `after_step` (a resumed run rewrites them) by an atomic rewrite."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+from .records import RecordsFile, StepRecord
 
 
 class MetricsWriter:
@@ -29,32 +20,31 @@ class MetricsWriter:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        truncate_jsonl(run_dir / "metrics.jsonl", resumed_step)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self._records = RecordsFile(run_dir, resumed_step)
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resumed_step + 1)
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: StepRecord) -> None:
         """Log one record; numeric fields (and nested dicts of numbers) also go to TensorBoard."""
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
-        step = record["step"]
-        for key, value in record.items():
-            if key == "step":
+        self._records.append(record)
+        for key, value in record.to_json().items():
+            if key in ("step", "version"):
                 continue
             if isinstance(value, dict):
                 for sub, v in value.items():
                     if _is_number(v):
-                        self._tb.add_scalar(f"{key}/{sub}", v, step)
+                        self._tb.add_scalar(f"{key}/{sub}", v, record.step)
             elif _is_number(value):
-                self._tb.add_scalar(f"train/{key}", value, step)
+                self._tb.add_scalar(f"train/{key}", value, record.step)
 
     def close(self) -> None:
-        if self.enabled and not self._jsonl.closed:
-            self._jsonl.close()
+        if self.enabled:
+            self._records.close()
             self._tb.close()
+            self.enabled = False
 
 
 def _is_number(value: Any) -> bool:

@@ -1,32 +1,134 @@
-"""PNG plots of a run directory: planned vs realized blend, training loss, per-dataset validation loss."""
+"""PNG plots of a run directory: planned vs realized blend, training loss, per-dataset validation loss.
+
+Every plot has tokens trained on its x axis (in K/M/B) and the phases as named, alternately shaded spans.
+"""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..config import ConfigError, load_config
+from ..config import load_config
 from ..schedule.from_config import plan_for
+from .records import StepRecord, read_records
 
 
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: no metrics.jsonl; pass the run.dir of a training run")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def format_tokens(n: float, _pos=None) -> str:
+    """16384 -> '16.4K', 2.5e9 -> '2.5B' (a tick label: three significant digits at most)."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale * 0.9995:  # 999,999 is '1M', not '1e+03K'
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
 
 
-def _planned(plan, datasets: list[str], tokens: list[int]) -> dict[str, list[float]]:
+def phase_spans(plan) -> list[tuple[str, int, int]]:
+    """(phase name, first token, end token) of every phase, in run order."""
+    return [(b.name, b.start_token, b.end_token) for b in plan.boundaries()]
+
+
+def planned_tokens(plan, datasets: list[str], tokens: list[int]) -> dict[str, list[float]]:
     """Tokens the plan assigns each dataset up to each point (phases' weights x tokens inside the phase)."""
     out = {d: [] for d in datasets}
-    bounds = plan.boundaries()
     for t in tokens:
         for d in datasets:
-            total = 0.0
-            for b, phase in zip(bounds, plan.phases):
-                inside = max(0, min(t, b.end_token) - b.start_token)
-                total += phase.weights.get(d, 0.0) * inside
-            out[d].append(total)
+            out[d].append(sum(phase.weights.get(d, 0.0) * max(0, min(t, b.end_token) - b.start_token)
+                              for b, phase in zip(plan.boundaries(), plan.phases)))
     return out
+
+
+def blend_series(records: list[StepRecord], plan) -> dict:
+    """The blend plot's data: x = tokens trained (from 0), and per dataset the planned and realized cumulative
+    tokens and their difference (realized - planned)."""
+    datasets = sorted({d for r in records for d in r.consumed_tokens})
+    tokens = [0, *(r.tokens for r in records)]
+    planned = planned_tokens(plan, datasets, tokens)
+    series = {}
+    for d in datasets:
+        realized = [0, *(r.consumed_tokens.get(d, 0) for r in records)]
+        series[d] = {"planned": planned[d], "realized": realized,
+                     "deviation": [r - p for r, p in zip(realized, planned[d])]}
+    return {"tokens": tokens, "datasets": series}
+
+
+def _axes(fig, spans, rows: int = 1, ratios=None) -> list:
+    """Axes sharing a token x axis, with the phases shaded and named (names on the top axes)."""
+    from matplotlib.ticker import FuncFormatter
+
+    axes = fig.subplots(rows, 1, sharex=True, squeeze=False, gridspec_kw={"height_ratios": ratios})[:, 0]
+    for ax in axes:
+        for i, (name, start, end) in enumerate(spans):
+            if i % 2:
+                ax.axvspan(start, end, color="grey", alpha=0.08, linewidth=0, zorder=0)
+            if i:
+                ax.axvline(start, color="grey", linestyle=":", linewidth=1, zorder=0.5)
+        ax.xaxis.set_major_formatter(FuncFormatter(format_tokens))
+        ax.grid(alpha=0.2)
+    if spans:  # the whole plan, so every phase shows in full (and a run stopped early, where it stopped)
+        pad = 0.01 * (spans[-1][2] - spans[0][1])
+        axes[0].set_xlim(spans[0][1] - pad, spans[-1][2] + pad)
+    top = axes[0]
+    for name, start, end in spans:
+        top.text((start + end) / 2, 1.01, name, transform=top.get_xaxis_transform(), ha="center", va="bottom",
+                 fontsize=9, color="dimgrey")
+    axes[-1].set_xlabel("tokens trained")
+    return list(axes)
+
+
+def blend_figure(records: list[StepRecord], plan):
+    """Top: cumulative tokens per dataset, planned (wide pale band) under realized (thin line); bottom: their
+    difference, which the top panel cannot show when the sampler keeps to plan."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
+
+    data = blend_series(records, plan)
+    fig = Figure(figsize=(8, 5.5))
+    top, bottom = _axes(fig, phase_spans(plan), rows=2, ratios=[3, 1.3])
+    x = data["tokens"]
+    for i, (d, s) in enumerate(data["datasets"].items()):
+        color = f"C{i}"
+        top.plot(x, s["planned"], color=color, linewidth=7, alpha=0.25, solid_capstyle="butt", zorder=2,
+                 gid=f"planned:{d}")
+        top.plot(x, s["realized"], color=color, linewidth=1.5, zorder=3, label=d, gid=f"realized:{d}")
+        bottom.plot(x, s["deviation"], color=color, linewidth=1.2, zorder=3, gid=f"deviation:{d}")
+    bottom.axhline(0, color="black", linewidth=0.8, zorder=1)
+    style = [Line2D([], [], color="grey", linewidth=7, alpha=0.25, label="planned"),
+             Line2D([], [], color="grey", linewidth=1.5, label="realized")]
+    top.legend(handles=[*top.get_legend_handles_labels()[0], *style], fontsize=8, loc="upper left")
+    top.yaxis.set_major_formatter(FuncFormatter(format_tokens))
+    top.set_ylabel("tokens drawn")
+    bottom.set_ylabel("realized - planned\n(tokens)", fontsize=8)
+    fig.suptitle("Tokens per dataset: planned vs realized")
+    return fig
+
+
+def loss_figure(records: list[StepRecord], plan):
+    """Training loss against tokens trained."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4))
+    (ax,) = _axes(fig, phase_spans(plan))
+    ax.plot([r.tokens for r in records], [r.loss for r in records], label="train loss", gid="train")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend(fontsize=8)
+    fig.suptitle("Training loss")
+    return fig
+
+
+def val_loss_figure(records: list[StepRecord], plan):
+    """Validation loss per dataset at each evaluation; None when the run never evaluated."""
+    from matplotlib.figure import Figure
+
+    evals = [r for r in records if r.eval is not None]
+    if not evals:
+        return None
+    fig = Figure(figsize=(8, 4))
+    (ax,) = _axes(fig, phase_spans(plan))
+    for d in sorted({d for r in evals for d in r.eval.loss_per_dataset}):
+        ax.plot([r.tokens for r in evals], [r.eval.loss_per_dataset.get(d) for r in evals], marker="o", label=d,
+                gid=f"val:{d}")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend(fontsize=8)
+    fig.suptitle("Validation loss per dataset")
+    return fig
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
@@ -34,46 +136,15 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     run_dir = Path(run_dir)
-    records = _records(run_dir)
+    records = read_records(run_dir)
     plan = plan_for(load_config(run_dir / "config.resolved.yaml"))
-    boundaries = [b.end_token for b in plan.boundaries()[:-1]]
-    tokens = [r["tokens"] for r in records]
+    figures = {"blend.png": blend_figure(records, plan) if any(r.consumed_tokens for r in records) else None,
+               "loss.png": loss_figure(records, plan), "val_loss.png": val_loss_figure(records, plan)}
     written = []
-
-    def finish(ax, name: str, title: str, ylabel: str) -> None:
-        for x in boundaries:
-            ax.axvline(x, color="grey", linestyle=":", linewidth=1)
-        ax.set_xlabel("tokens")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-        ax.figure.tight_layout()
-        path = run_dir / name
-        ax.figure.savefig(path, dpi=110)
-        plt.close(ax.figure)
-        written.append(path)
-
-    datasets = sorted({d for r in records for d in r.get("consumed_tokens", {})})
-    if datasets:
-        _, ax = plt.subplots(figsize=(7, 4))
-        planned = _planned(plan, datasets, tokens)
-        for i, d in enumerate(datasets):
-            color = f"C{i}"
-            ax.plot(tokens, [r["consumed_tokens"].get(d, 0) for r in records], color=color, label=f"{d} realized")
-            ax.plot(tokens, planned[d], color=color, linestyle="--", label=f"{d} planned")
-        finish(ax, "blend.png", "Tokens per dataset: planned vs realized", "tokens consumed")
-
-    _, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(tokens, [r["loss"] for r in records], label="train loss")
-    finish(ax, "loss.png", "Training loss (phase boundaries dotted)", "loss (nats/token)")
-
-    evals = [r for r in records if "val_loss" in r]
-    if evals:
-        _, ax = plt.subplots(figsize=(7, 4))
-        for d in sorted({d for r in evals for d in r["val_loss"]}):
-            ax.plot([r["tokens"] for r in evals], [r["val_loss"].get(d) for r in evals], marker="o", label=d)
-        finish(ax, "val_loss.png", "Validation loss per dataset (phase boundaries dotted)", "loss (nats/token)")
+    for name, fig in figures.items():
+        if fig is not None:
+            fig.tight_layout()
+            fig.savefig(run_dir / name, dpi=110)
+            written.append(run_dir / name)
     return written

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from megacrystal.bench.network import markdown, parse_rates
-from megacrystal.bench.report import add_network_section
+from megacrystal.bench.network import parse_rates
+from megacrystal.bench.report import add_network_section, network_markdown
 from megacrystal.bench.scaling import Cluster, dp_bytes_per_rank, predict, tcp_payload_fraction
 from megacrystal.config import ConfigError, load_config
 
@@ -89,7 +89,7 @@ def test_report_gets_the_link_section_once(tmp_path):
     assert "| 20 Mbit/s | 0.100 | 0.900 | 1.000 | 0.900 / **1.000** / 1.100 | +5.0% | 4.300 / 4.200 / 4.200 |" in text
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["points"] == [1] and report["network"]["rates"][1]["error"] == -0.1
-    assert markdown(_network_json()) in text
+    assert network_markdown(_network_json()) in text
 
 
 def _namespaces_or_skip() -> None:

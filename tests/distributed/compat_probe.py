@@ -76,4 +76,4 @@ def _bf16_steps() -> list[float]:
             "optim": {"lr": 0.01},
             "train": {"steps": 2, "global_batch_size": 2, "precision": "bf16", "threads": 1},
         })
-        return [r["loss"] for r in train(config)]
+        return [r.loss for r in train(config)]

@@ -15,7 +15,7 @@ def eager_and_compiled(config_path: str, run_root: str, *overrides: str) -> dict
                                            "checkpoint.interval=null", f"run.dir={run_root}/compile_{compiled}", *overrides])
         start = time.perf_counter()
         records = train(config, resume="none")
-        out[compiled] = {"losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records],
+        out[compiled] = {"losses": [r.loss for r in records], "grad_norms": [r.grad_norm for r in records],
                          "seconds": time.perf_counter() - start,
                          "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
                          "graph_breaks": dict(torch._dynamo.utils.counters["graph_break"])}

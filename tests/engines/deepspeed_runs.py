@@ -37,8 +37,8 @@ def losses_per_config(configs: dict[str, dict]) -> dict[str, dict]:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as run_dir:
             records = train(config_from_dict(with_overrides({**overrides, "run.dir": run_dir})))
-        results[name] = {"loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records],
-                         "skipped": [r["skipped"] for r in records], "seconds": time.perf_counter() - start}
+        results[name] = {"loss": [r.loss for r in records], "grad_norm": [r.grad_norm for r in records],
+                         "skipped": [r.skipped for r in records], "seconds": time.perf_counter() - start}
     return results
 
 

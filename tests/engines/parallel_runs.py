@@ -45,6 +45,6 @@ def losses_per_layout(layouts: dict[str, dict], without_cpu_config: tuple[str, .
                 records = train(config)
             finally:
                 cpu_compat.transformer_config_overrides = saved
-        results[name] = {"loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records],
+        results[name] = {"loss": [r.loss for r in records], "grad_norm": [r.grad_norm for r in records],
                          "shared_memory_grad_reduce": bool(chunks_reduced_in_shm)}
     return results

@@ -74,7 +74,7 @@ def pipeline(tmp: str, tokenizer: str, tokens_file: str, text_file: str) -> dict
     base = run_config(str(t / "run"), tokenizer, parallel={"tp": 2})
     r0 = train(config_from_dict(base), resume="none")
     a = str(t / "run" / "checkpoints")
-    r: dict = {"scores": {}, "first_loss_from_init": r0[0]["loss"]}
+    r: dict = {"scores": {}, "first_loss_from_init": r0[0].loss}
     r["scores"]["tp2"] = _score(a, "--tokens-file", tokens_file, "--tp", "2")
     r["scores"]["pp2"] = _score(a, "--tokens-file", tokens_file, "--pp", "2", "--micro-batch-size", "2")
     r["scores"]["dp2_text"] = _score(a, "--text-file", text_file)
@@ -100,7 +100,7 @@ def pipeline(tmp: str, tokenizer: str, tokens_file: str, text_file: str) -> dict
     r["engine_load_diff"] = _max_diff(imported, trained)
     # `train --resume <imported root>` starts a fresh run (step 0, fresh optimizer) from the imported weights.
     continued = train(config_from_dict(run_config(str(t / "continued"), tokenizer)), resume=b)
-    r["continued_losses"] = [x["loss"] for x in continued]
+    r["continued_losses"] = [x.loss for x in continued]
     # DeepSpeed checkpoints: ZeRO-1 over 2 data-parallel ranks (zero_to_fp32) and ZeRO-0 at TP=2 (TP shards
     # merged here). Trained from the same init on the same batches, they hold the megatron run's weights.
     r["deepspeed"] = {}

@@ -269,3 +269,13 @@ def test_cerebras_export_continues_from_the_checkpoints_step(tmp_path, step, res
 
         seg = first["optimizer"]["learning_rate"][0]
         assert seg["initial_learning_rate"] == pytest.approx(lr_at(plan_for(config).phases[1].lr, 50, 150))
+
+
+@pytest.mark.parametrize("convert, name, kind", [
+    (keys.cs_tensor, "transformer_decoder.layers.0.norm1", "CS Crystal key"),
+    (keys.hf_tensor, "transformer.h.0.ln_1.scale", "CrystalCoder HF key"),
+    (keys.global_from_cs, "decoder.layers.x.mlp.linear_fc1.weight", "megacrystal parameter"),
+])
+def test_a_key_of_no_layer_parameter_is_a_key_error_naming_its_kind(convert, name, kind):
+    with pytest.raises(KeyError, match=f"not a {kind}: {name}"):
+        convert(name, lambda n: torch.zeros(1), 1)
