@@ -16,6 +16,8 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     "matplotlib==3.11.2",
     "safetensors==0.8.0",  # Hugging Face export
+    "zstandard==0.25.0",  # SlimPajama's .jsonl.zst (streaming decompressobj, detects truncation)
+    "pyarrow==26.0.1",  # Parquet (StarCoder) and Hugging Face save_to_disk arrow files
 ]
 
 setup(

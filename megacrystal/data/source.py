@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,23 +27,47 @@ class GlobalBatch:
 class TokenStream:
     """A prepared split read as one token stream, cut into overlapping (S+1)-token samples every S tokens.
 
-    Documents are packed across sample boundaries with EOS between them and no per-document attention reset,
-    as Crystal's data was.
+    The split's shards (`.bin` files, in order) are one stream: a sample may span two shards. Documents are
+    packed across sample boundaries with EOS between them and no per-document attention reset, as Crystal's
+    data was. `fingerprint` says what the dataset was made from (checked when a run resumes).
     """
 
-    def __init__(self, bin_path: str, dtype: np.dtype, seq_length: int):
-        self.tokens = np.memmap(bin_path, dtype=dtype, mode="r")
+    def __init__(self, bin_paths, dtype: np.dtype, seq_length: int, fingerprint: str = "",
+                 allow_change: bool = False):
+        paths = [bin_paths] if isinstance(bin_paths, (str, bytes)) or hasattr(bin_paths, "__fspath__") \
+            else list(bin_paths)
+        self._parts = [np.memmap(p, dtype=dtype, mode="r") if os.path.getsize(p) else np.zeros(0, dtype)
+                       for p in paths]
+        self._starts = np.cumsum([0] + [len(p) for p in self._parts])
+        self.num_tokens = int(self._starts[-1])
         self.seq_length = seq_length
-        self.num_samples = max(0, (len(self.tokens) - 1) // seq_length)
+        self.num_samples = max(0, (self.num_tokens - 1) // seq_length)
+        self.fingerprint, self.allow_change = fingerprint, allow_change
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """All tokens (a view for one shard, a copy for several)."""
+        return self._parts[0] if len(self._parts) == 1 else np.concatenate(self._parts)
+
+    def _slice(self, start: int, stop: int) -> np.ndarray:
+        i = int(np.searchsorted(self._starts, start, side="right")) - 1
+        out = []
+        while start < stop and i < len(self._parts):
+            local = start - self._starts[i]
+            piece = self._parts[i][local:local + (stop - start)]
+            out.append(np.asarray(piece, dtype=np.int64))
+            start += len(piece)
+            i += 1
+        return out[0] if len(out) == 1 else np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def sample(self, index: int) -> np.ndarray:
         start = index * self.seq_length
-        return np.asarray(self.tokens[start:start + self.seq_length + 1], dtype=np.int64)
+        return self._slice(start, start + self.seq_length + 1)
 
     def first_samples(self, count: int) -> np.ndarray:
         """The first `count` samples, repeating the stream if it is shorter (tiny validation splits)."""
         need = count * self.seq_length + 1
-        stream = np.asarray(self.tokens, dtype=np.int64)
+        stream = self._slice(0, min(need, self.num_tokens))
         if len(stream) < need:
             stream = np.resize(stream, need)
         return np.stack([stream[i * self.seq_length:(i + 1) * self.seq_length + 1] for i in range(count)])
