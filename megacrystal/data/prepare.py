@@ -222,6 +222,25 @@ def _dataset_meta(name: str, tokenizer: CrystalTokenizer, opts: Options, out_pre
     }
 
 
+def _why_rebuild(old: Path, tok_fp: str, options: dict, listing: list[dict], force: bool) -> str:
+    """What changed since the dataset was prepared, in a few words."""
+    if force:
+        return "--force"
+    try:
+        meta = json.loads(old.read_text())
+    except json.JSONDecodeError:
+        return "its meta is unreadable"
+    if meta.get("format_version") != FORMAT_VERSION:
+        return f"format version {meta.get('format_version')} -> {FORMAT_VERSION}"
+    if meta.get("tokenizer", {}).get("fingerprint") != tok_fp:
+        return "the tokenizer changed"
+    diffs = [f"{k} {meta['options'].get(k)!r} -> {v!r}" for k, v in options.items()
+             if meta.get("options", {}).get(k) != v]
+    changes = diffs + shards.changed_files(meta.get("inputs", {}).get("files", []), listing)
+    return ", ".join(changes[:3]) + (f" and {len(changes) - 3} more" if len(changes) > 3 else "") if changes \
+        else "shards missing or incomplete"
+
+
 def _provenance(inputs, files: Sequence[Path]) -> dict:
     """Corpus provenance found next to the inputs (`<stem>.provenance.json`, or a directory's provenance.json)."""
     candidates = [(str(f), provenance_path(f)) for f in files if f.suffix == ".jsonl"]
@@ -258,6 +277,9 @@ def prepare_dataset(name: str, inputs: Sequence[str | os.PathLike], tokenizer: C
             if not force and (m := _shard_current(prefixes[i], fps[i], [listing[j] for j in groups[i]]))}
     mine = [i for i in range(len(groups)) if i % num_shards == shard_index and i not in done]
     old = meta_path(out_prefix)
+    if mine and progress and old.is_file():
+        print(f"prepare {name}: {_why_rebuild(old, tok_fp, options, listing, force)}; re-preparing "
+              f"{len(mine)} of {len(groups)} shard(s)", file=sys.stderr)
     if mine or len(done) < len(groups):
         old.unlink(missing_ok=True)  # the dataset is not complete until every shard is
     elif old.is_file():

@@ -10,6 +10,7 @@ import torch
 
 from ..schedule.plan import RunPlan
 from .blend import BlendedSampler
+from .errors import DataError
 from .fim import fim_rng, fim_sample
 from .synthetic import SyntheticTokens
 
@@ -132,10 +133,21 @@ class BlendedSource:
         return self.sampler.consumed_samples()
 
     def state_dict(self) -> dict:
-        return self.sampler.state_dict()
+        return {**self.sampler.state_dict(), "fingerprints": {n: s.fingerprint for n, s in self.streams.items()}}
 
     def load_state_dict(self, state: dict):
-        return self.sampler.load_state_dict(state)
+        """Restore the sampler; a dataset changed since the checkpoint stops the run unless allowed."""
+        saved = state.get("fingerprints", {})
+        changed = [n for n, s in self.streams.items() if n in saved and saved[n] != s.fingerprint]
+        allowed = all(self.streams[n].allow_change for n in changed)
+        if changed and not allowed:
+            sizes = {n: state["datasets"].get(n, {}).get("size") for n in changed}
+            what = ", ".join(f"'{n}' ({sizes[n]} -> {self.streams[n].num_samples} samples)" for n in changed)
+            raise DataError(f"dataset {what} changed since the checkpoint (prepared again from other inputs or "
+                            f"options); resume with --allow-data-change to continue its sampling from the "
+                            f"recorded cursors, or start a fresh run")
+        state = {k: v for k, v in state.items() if k != "fingerprints"}
+        return self.sampler.load_state_dict(state, allow_size_change=set(changed))
 
 
 def _dataset_seed(seed: int, name: str) -> int:
