@@ -94,10 +94,10 @@ def prepare(config: Config, shard_index: int = 0, num_shards: int = 1, workers: 
     tokens = 0
     metas = {}
     for name, ds in d.datasets.items():
-        drop, drop_fp = drops.get(name, (None, None))
+        drop, drop_fp, counts = drops.get(name, (None, None, None))
         result = prepare_dataset(name, _resolve_inputs(config, ds.inputs, corpus), tokenizer, out / name,
                                  workers=workers or d.workers, force=force, shard_index=shard_index,
-                                 num_shards=num_shards, drop=drop, drop_fingerprint=drop_fp,
+                                 num_shards=num_shards, drop=drop, drop_fingerprint=drop_fp, dedup_counts=counts,
                                  **_dataset_kwargs(config, name))
         report["datasets"][name] = {"status": result.status, "tokens": result.meta.get("tokens", 0)}
         if result.status == "built":

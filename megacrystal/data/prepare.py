@@ -114,31 +114,34 @@ def _process(batch):
     return tokens, lengths, scores, nbytes, parsed, removed
 
 
-class _Pool:
-    """Ordered results of `_process` over batches, at most 2 per worker in flight (bounded memory)."""
+class Pool:
+    """Ordered results of fn over items in worker processes, at most 2 per worker in flight (bounded memory:
+    `multiprocessing.Pool.imap` reads its whole input ahead)."""
 
-    def __init__(self, workers: int, initargs: tuple):
-        self.workers = workers
+    def __init__(self, workers: int, fn, initializer, initargs: tuple):
+        self.workers, self.fn = workers, fn
         self._pool = None
-        _init_worker(*initargs)
+        initializer(*initargs)
         if workers > 1:
             # fork: workers inherit the tokenizer without pickling it, and callers need no __main__ guard.
             ctx = mp.get_context("fork" if sys.platform == "linux" else None)
-            self._pool = ctx.Pool(workers, initializer=_init_worker, initargs=initargs)
+            self._pool = ctx.Pool(workers, initializer=initializer, initargs=initargs)
 
-    def map(self, batches):
+    def map(self, items):
+        """fn(item) for each item, in order."""
         if self._pool is None:
-            yield from map(_process, batches)
+            yield from map(self.fn, items)
             return
         pending = collections.deque()
-        for batch in batches:
-            pending.append(self._pool.apply_async(_process, (batch,)))
+        for item in items:
+            pending.append(self._pool.apply_async(self.fn, (item,)))
             if len(pending) >= 2 * self.workers:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
 
     def close(self) -> None:
+        """Stop the workers."""
         if self._pool is not None:
             self._pool.terminate()
             self._pool.join()
@@ -160,7 +163,7 @@ def _shard_current(shard_prefix: str, fp: str, listing: Sequence[dict]) -> dict 
 
 
 def _build_shard(name: str, shard_prefix: str, files: Sequence[Path], fp: str, listing: list[dict],
-                 pool: _Pool, opts: Options, tokenizer: CrystalTokenizer, bad: BadRecords,
+                 pool: Pool, opts: Options, tokenizer: CrystalTokenizer, bad: BadRecords,
                  progress: Progress) -> dict:
     start = time.perf_counter()
     shards.meta_path(shard_prefix).unlink(missing_ok=True)
@@ -255,7 +258,7 @@ def prepare_dataset(name: str, inputs: Sequence[str | os.PathLike], tokenizer: C
                     progress: bool = True, filters: Mapping[str, Sequence[str]] | None = None,
                     max_bad_fraction: float = 0.01, shard_bytes: int = shards.DEFAULT_SHARD_BYTES,
                     shard_index: int = 0, num_shards: int = 1, drop: frozenset | None = None,
-                    drop_fingerprint: str | None = None) -> PrepareResult:
+                    drop_fingerprint: str | None = None, dedup_counts: dict | None = None) -> PrepareResult:
     """Tokenize inputs into `<out_prefix>-NNNNN_{train,valid}.{bin,idx}` shards + `<out_prefix>.meta.json`."""
     if not 0.0 <= valid_fraction < 1.0:
         raise DataError(f"dataset '{name}': valid_fraction {valid_fraction} must be in [0, 1)")
@@ -292,7 +295,7 @@ def prepare_dataset(name: str, inputs: Sequence[str | os.PathLike], tokenizer: C
         bad.merge(m["records"])
     total_bytes = sum(listing[j]["bytes"] for i in mine for j in groups[i])
     bar = Progress(f"prepare {name}", total_bytes, enabled=progress)
-    pool = _Pool(workers, (tokenizer, opts, drop)) if mine else None
+    pool = Pool(workers, _process, _init_worker, (tokenizer, opts, drop)) if mine else None
     try:
         for i in mine:
             done[i] = _build_shard(name, prefixes[i], [files[j] for j in groups[i]], fps[i],
@@ -311,9 +314,11 @@ def prepare_dataset(name: str, inputs: Sequence[str | os.PathLike], tokenizer: C
         bad_all.merge(m["records"])
     bad_all.check(final=True)
     meta = _dataset_meta(name, tokenizer, opts, out_prefix, listing, metas, inputs, files)
+    meta["dedup"] = dedup_counts or {}
     if meta["documents"] == 0:
         raise DataError(f"dataset '{name}': inputs {[str(i) for i in inputs]} hold no non-blank document "
-                        f"(records: {meta['records']['bad']} bad, {meta['records']['filtered']} filtered out); "
+                        f"(records: {meta['records']['bad']} bad, {meta['records']['filtered']} filtered out, "
+                        f"{meta['duplicates_removed']} duplicates removed); "
                         f"check the inputs, text_field and filters")
     shards.remove_shards_from(out_prefix, len(groups))
     shards.write_json(meta_path(out_prefix), meta)
