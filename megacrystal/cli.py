@@ -16,6 +16,7 @@ from .quiet import quiet_expected_warnings
 # `set_defaults(handler=fn)`; `fn(args) -> int` runs the command (errors as ConfigError/DataError/...).
 EXTRA_COMMANDS: list[str] = [
     "megacrystal.bench.commands",
+    "megacrystal.bench.prepare_bench",
     "megacrystal.export.commands",
     "megacrystal.launch.commands",
 ]
