@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -100,14 +101,11 @@ def _process(batch):
         encoded = [b for b, k in zip(encoded, keep) if k]
         digests = [d for d, k in zip(digests, keep) if k]
     ids = tok.encode_many(texts)
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int32, count=len(ids))
-    tokens = np.empty(int(lengths.sum()), dtype=_W["dtype"])
-    pos = 0
+    eos = tok.eos_id
     for x in ids:  # every document ends with EOS, as Crystal's packed data did
-        tokens[pos:pos + len(x)] = x
-        pos += len(x)
-        tokens[pos] = tok.eos_id
-        pos += 1
+        x.append(eos)
+    lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=_W["dtype"], count=int(lengths.sum()))
     scores = np.array([int.from_bytes(d[:8], "little") / 2.0**64 for d in digests], dtype=np.float64)
     nbytes = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
     parsed.texts, parsed.where = [], []
