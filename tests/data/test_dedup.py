@@ -89,3 +89,4 @@ def test_config_dedup_across_the_blend_lands_in_meta_and_report(tmp_path, small_
     assert meta["duplicates_removed"] == 5 and meta["dedup"] == {"documents": 8, "exact": 5, "near": 0}
     assert meta["documents"] == 3
     assert "| b | 3 | " in (tmp_path / "data" / "prepare-report.md").read_text()
+    assert (tmp_path / "data" / "prepare-lengths.png").read_bytes()[:4] == b"\x89PNG"
