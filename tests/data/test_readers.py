@@ -129,3 +129,14 @@ def test_input_errors_are_one_line_before_work(tmp_path, small_tok):
     write_parquet(tmp_path / "p.parquet", [{"content": "x"}])
     with pytest.raises(DataError, match=r"no column 'text' \(columns: content\)"):
         prepare(small_tok, [tmp_path / "p.parquet"], tmp_path / "o")
+
+
+def test_a_real_save_to_disk_directory(tmp_path, small_tok):
+    """The directory Hugging Face `datasets` itself writes (when installed; our reader does not need it)."""
+    datasets = pytest.importorskip("datasets")
+    texts = stdlib_docs(25)
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"content": texts, "lang": ["py"] * 25}),
+                               "test": datasets.Dataset.from_dict({"content": ["x"], "lang": ["py"]})})
+    dd.save_to_disk(str(tmp_path / "hf"), num_shards={"train": 3, "test": 1})
+    prepare(small_tok, [tmp_path / "hf"], tmp_path / "out", text_field="content")
+    assert shard_docs(tmp_path / "out") == expected(small_tok, texts)
