@@ -75,7 +75,8 @@ def parse_batch(batch: Batch, text_field: str, filters: Mapping[str, Sequence[st
                 out.texts.append(text)
                 out.where.append(where)
     elif batch.kind == "text":
-        for name, raw in zip(batch.extra["files"], batch.items):
+        names = (batch.extra or {}).get("files") or [batch.file] * len(batch.items)
+        for name, raw in zip(names, batch.items):
             if b"\x00" in raw[:8192]:
                 out.bad.append((name, "binary file (NUL bytes)"))
                 continue
@@ -104,7 +105,9 @@ def parse_batch(batch: Batch, text_field: str, filters: Mapping[str, Sequence[st
                 out.where.append(where)
     if batch.error:
         line = batch.first + len(batch.items)
-        out.bad.append((f"{batch.file}:{'row ' if batch.kind == 'column' else ''}{line}", batch.error))
+        where = batch.file if batch.kind == "text" else \
+            f"{batch.file}:{'row ' if batch.kind == 'column' else ''}{line}"
+        out.bad.append((where, batch.error))
     out.documents = len(out.texts)
     return out
 

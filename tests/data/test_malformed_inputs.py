@@ -84,6 +84,9 @@ CASES = [
     ("gzip-named-jsonl", "a gzip file named .jsonl", lambda d: [write_gz(d / "g.jsonl", GOOD)], {}, "ok, 0 bad"),
     ("truncated-gz", "a .jsonl.gz cut 20 bytes short",
      lambda d: [good(d), _truncated(write_gz(d / "t.jsonl.gz", GOOD), 20)], {}, "ok, 1 bad"),
+    ("truncated-gz-text", "a gzipped plain-text file cut short, beside a good file",
+     lambda d: [good(d), (d / "t.txt.gz").write_bytes(gzip.compress(b"plain text " * 5000)[:-30]) and
+                d / "t.txt.gz"], {}, "ok, 1 bad"),
     ("missing-file", "a path that does not exist", lambda d: [d / "nope.jsonl"], {}, "error: does not exist"),
     ("unreadable", "a file with mode 000 (root reads it anyway)", lambda d: [_unreadable(d)], {},
      "ok, 0 bad" if os.geteuid() == 0 else "error: is not readable (permissions)"),
