@@ -16,6 +16,9 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     "matplotlib==3.11.2",
     "safetensors==0.8.0",  # Hugging Face export
+    "zstandard==0.25.0",  # SlimPajama's .jsonl.zst (streaming decompressobj, detects truncation)
+    "pyarrow==26.0.1",  # Parquet (StarCoder) and Hugging Face save_to_disk arrow files
+    "datasketch==2.0.0",  # MinHash LSH near-duplicate removal (affine32 scheme needs 2.0)
 ]
 
 setup(

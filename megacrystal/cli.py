@@ -16,6 +16,7 @@ from .quiet import quiet_expected_warnings
 # `set_defaults(handler=fn)`; `fn(args) -> int` runs the command (errors as ConfigError/DataError/...).
 EXTRA_COMMANDS: list[str] = [
     "megacrystal.bench.commands",
+    "megacrystal.bench.prepare_bench",
     "megacrystal.export.commands",
     "megacrystal.launch.commands",
 ]
@@ -41,8 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", default="auto", metavar="auto|PATH|none",
                        help="auto: the newest intact checkpoint of checkpoint.dir, if any (default); "
                             "PATH: that checkpoint (or checkpoint root); none: start fresh")
+    train.add_argument("--allow-data-change", action="store_true",
+                       help="resume even if the prepared datasets changed since the checkpoint")
     prepare = commands.add_parser("prepare", help="build the corpus, tokenizer and indexed datasets of a config")
     add_config_args(prepare)
+    from .data.prepare_cli import add_prepare_args
+
+    add_prepare_args(prepare)
     plot = commands.add_parser("plot", help="write the PNG plots of a run directory")
     plot.add_argument("run_dir")
     plot.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -89,11 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             for path in plot_run(args.run_dir):
                 print(path)
             return 0
+        if getattr(args, "allow_data_change", False):
+            args.overrides.append("data.allow_data_change=true")
         config = load_config(args.config, args.overrides)
         if args.command == "prepare":
-            from .data.pipeline import prepare
+            from .data.prepare_cli import run_prepare
 
-            prepare(config)
+            return run_prepare(args, config)
         elif args.command == "info":
             _info(config, args.world_size)
         elif args.command == "train":

@@ -75,8 +75,8 @@ def test_damaged_or_foreign_datasets_fail_in_one_line(tmp_path, tiny_data):
         out = megacrystal("train", "--config", TINY, "--set", f"data.dir={data}", "--set",
                           f"run.dir={tmp_path}/run", *overrides)
         assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
-    (data / "python_train.idx").unlink()
+    (data / "python-00000_train.idx").unlink()
     out = megacrystal("train", "--config", TINY, "--set", f"data.dir={data}", "--set", f"run.dir={tmp_path}/run")
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
-    assert f"dataset file {data}/python_train.idx is missing; run `megacrystal prepare`" in out.stderr
+    assert f"dataset file {data}/python-00000_train.idx is missing; run `megacrystal prepare`" in out.stderr
     assert not (tmp_path / "run").exists()

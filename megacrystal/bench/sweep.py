@@ -107,14 +107,17 @@ def data_phase(config, steps: int, lr: BenchLR) -> dict:
 def train_tokens_sha256(config, phase: dict) -> dict[str, str]:
     """The sha256 of each blended dataset's prepared train tokens, so that reports on different data tell
     themselves apart: the embedded corpus is built from the Python installation, a changed one changes it."""
-    from ..data import indexed
     from ..data.pipeline import data_dir
+    from ..data.prepare import train_bins
 
     digests = {}
     for name in phase["weights"]:
-        bin_path = indexed.files(indexed.split_prefix(data_dir(config) / name, "train"))[1]
-        with bin_path.open("rb") as tokens:
-            digests[name] = hashlib.file_digest(tokens, "sha256").hexdigest()
+        h = hashlib.sha256()  # over the shards in order: one shard's digest is its file's
+        for bin_path in train_bins(data_dir(config) / name):
+            with bin_path.open("rb") as tokens:
+                for block in iter(lambda: tokens.read(1 << 20), b""):
+                    h.update(block)
+        digests[name] = h.hexdigest()
     return digests
 
 

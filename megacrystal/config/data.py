@@ -20,7 +20,10 @@ class TokenizerSection(Section):
 
 class DatasetSection(Section):
     inputs: list[str] = Field(min_length=1)  # JSONL / text files / source directories, or corpus:<domain>
-    text_field: str = "text"
+    text_field: str = "text"  # a dotted path for nested fields, e.g. meta.text
+    # Keep only records whose field (dotted path, e.g. meta.redpajama_set_name, or StarCoder's lang) has one
+    # of the listed values, so one source file can feed several datasets of a blend.
+    filters: dict[str, list[str]] = {}
     fim: bool = False  # a code dataset: fill-in-the-middle at the phase's fim_rate
 
 
@@ -53,6 +56,12 @@ class DataSection(Section):
     corpus_max_bytes: int = Field(3_000_000, gt=0)  # per domain of the embedded corpus
     valid_fraction: float = Field(0.01, ge=0, lt=1)
     workers: int = Field(2, ge=1)  # tokenizer processes in `megacrystal prepare`
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)  # bad records skipped (and reported) up to this share
+    shard_bytes: int = Field(256 << 20, gt=0)  # input bytes per output shard of `megacrystal prepare`
+    dedup: Literal["none", "exact", "near"] = "none"  # across the datasets of the blend; near includes exact
+    dedup_threshold: float = Field(0.8, gt=0, le=1)  # MinHash LSH Jaccard threshold (SlimPajama: 0.8)
+    dedup_ngram: int = Field(13, ge=1)  # word n-grams hashed by MinHash (SlimPajama: 13)
+    allow_data_change: bool = False  # resume a run whose prepared datasets changed (train --allow-data-change)
     eval_interval: Optional[int] = Field(None, gt=0)  # steps; evaluation also runs at every phase end
     eval_samples: int = Field(8, gt=0)  # validation sequences per dataset
     log_samples: bool = False  # write every global batch's (dataset, sample) ids to <run.dir>/samples.jsonl

@@ -340,8 +340,13 @@ class BlendedSampler:
             "realized": self.realized_blend(),
         }
 
-    def load_state_dict(self, sd: dict) -> BlendChange | None:
-        """Restore a state; if this plan's blend at the resumed step differs, return (and record) the change."""
+    def load_state_dict(self, sd: dict, allow_size_change: set[str] = frozenset()) -> BlendChange | None:
+        """Restore a state; if this plan's blend at the resumed step differs, return (and record) the change.
+
+        Datasets in `allow_size_change` (re-prepared with the user's consent) may have another size: their
+        cursor keeps its epoch and position, clipped to the new size (at the end it starts the next epoch);
+        the epoch's order is that of the new size, so it is a new walk from that position, not the old one.
+        """
         if sd.get("format") != STATE_FORMAT:
             raise DataError(f"sampler state format {sd.get('format')!r} is not {STATE_FORMAT!r}")
         missing = [key for key in ("seed", "step", "phase", "datasets", "realized") if key not in sd]
@@ -353,7 +358,7 @@ class BlendedSampler:
         # Check every dataset before touching any cursor, so a refused state leaves the sampler as it was.
         for name, saved in sd["datasets"].items():
             cursor = self._cursors.get(name)
-            if cursor is not None and saved["size"] != cursor.size:
+            if cursor is not None and saved["size"] != cursor.size and name not in allow_size_change:
                 raise DataError(
                     f"dataset {name!r} had {saved['size']} samples in the checkpoint but has {cursor.size} now; "
                     "its cursor would point into a different order"
@@ -363,6 +368,8 @@ class BlendedSampler:
             # A dataset new to this run starts at its first epoch.
             saved = sd["datasets"].get(name, {"epoch": 0, "position": 0, "consumed": 0})
             cursor.epoch, cursor.position, cursor.consumed = saved["epoch"], saved["position"], saved["consumed"]
+            if cursor.position >= cursor.size > 0:  # a dataset that shrank past its cursor: next epoch
+                cursor.epoch, cursor.position = cursor.epoch + 1, 0
         self._dormant = dormant
         self._orders.clear()
         self._realized = {phase: dict(counts) for phase, counts in sd["realized"].items()}

@@ -67,10 +67,18 @@ def _ensure_tokenizer(config: Config, corpus: dict[str, Path]) -> tuple[CrystalT
     return CrystalTokenizer.load(path, padded_vocab_size=config.model.vocab_size), status
 
 
-def prepare(config: Config) -> dict:
-    """Build the corpus, the tokenizer and every dataset of the config; unchanged datasets are skipped."""
+def _dataset_kwargs(config: Config, name: str) -> dict:
+    d, ds = config.data, config.data.datasets[name]
+    return dict(text_field=ds.text_field, filters=ds.filters, valid_fraction=d.valid_fraction,
+                max_bad_fraction=d.max_bad_fraction, shard_bytes=d.shard_bytes)
+
+
+def prepare(config: Config, shard_index: int = 0, num_shards: int = 1, workers: int | None = None,
+            force: bool = False) -> dict:
+    """Build the corpus, the tokenizer and every dataset of the config; unchanged shards are skipped."""
     from .corpus import build_corpus
     from .prepare import prepare_dataset
+    from .report import write_report
 
     d = config.data
     out = data_dir(config)
@@ -81,24 +89,77 @@ def prepare(config: Config) -> dict:
     print(f"tokenizer {tok_status}: {tokenizer_path(config)} (base {tokenizer.base_vocab_size} + "
           f"{tokenizer.num_tokens - tokenizer.base_vocab_size} special, {tokenizer.vocab_size} rows)",
           file=sys.stderr)
+    drops = _dedup(config, corpus) if d.dedup != "none" else {}
     report = {"tokenizer": tok_status, "datasets": {}}
     tokens = 0
+    metas = {}
     for name, ds in d.datasets.items():
+        drop, drop_fp, counts = drops.get(name, (None, None, None))
         result = prepare_dataset(name, _resolve_inputs(config, ds.inputs, corpus), tokenizer, out / name,
-                                 text_field=ds.text_field, workers=d.workers, valid_fraction=d.valid_fraction)
-        report["datasets"][name] = {"status": result.status, "tokens": result.meta["tokens"]}
-        tokens += result.meta["tokens"] if result.status == "built" else 0
+                                 workers=workers or d.workers, force=force, shard_index=shard_index,
+                                 num_shards=num_shards, drop=drop, drop_fingerprint=drop_fp, dedup_counts=counts,
+                                 **_dataset_kwargs(config, name))
+        report["datasets"][name] = {"status": result.status, "tokens": result.meta.get("tokens", 0)}
+        if result.status == "built":
+            tokens += result.meta["tokens"]
         if result.status == "skipped":
             print(f"prepared {name}: unchanged, skipped", file=sys.stderr)
+        if result.status == "partial":
+            print(f"prepared {name}: this process's shards done; {len(result.meta['shards_missing'])} of "
+                  f"{result.meta['shards']} shards still to do by the other --shard-index processes",
+                  file=sys.stderr)
+        else:
+            metas[name] = result.meta
+    if len(metas) == len(d.datasets):
+        paths = write_report(out, metas)
+        print(f"report: {', '.join(str(p) for p in paths)}", file=sys.stderr)
     seconds = time.perf_counter() - start
     print(f"prepare done in {seconds:.1f}s ({tokens / max(seconds, 1e-9):,.0f} tokens/s over new datasets)",
           file=sys.stderr)
     return report
 
 
+def _dedup(config: Config, corpus: dict[str, Path]) -> dict:
+    """{dataset: (drop set, drop fingerprint)} from one dedup pass over every dataset of the blend."""
+    from .dedup import dedup_datasets
+
+    d = config.data
+    specs = {name: (_resolve_inputs(config, ds.inputs, corpus), _dataset_kwargs(config, name))
+             for name, ds in d.datasets.items()}
+    return dedup_datasets(specs, data_dir(config) / "dedup", near=d.dedup == "near", threshold=d.dedup_threshold,
+                          ngram=d.dedup_ngram, workers=d.workers)
+
+
+def stale_reason(config: Config, name: str, meta: dict) -> str | None:
+    """Why dataset `name`'s prepared data no longer matches the config (inputs, field, filters...), or None."""
+    from .prepare import DEFAULT_EXTENSIONS, Options
+    from .readers import expand_inputs
+    from .shards import changed_files, stat_listing
+
+    kw = _dataset_kwargs(config, name)
+    corpus = {dom: data_dir(config) / "corpus" / f"{dom}.jsonl" for dom in _corpus_domains(config)}
+    want = Options(kw["text_field"], {k: tuple(v) for k, v in kw["filters"].items()}, kw["valid_fraction"],
+                   extensions=DEFAULT_EXTENSIONS, shard_bytes=kw["shard_bytes"]).as_dict()
+    have = dict(meta.get("options", {}))
+    if (have.get("drop") is None) != (config.data.dedup == "none"):
+        return f"data.dedup is now {config.data.dedup!r}"
+    for key in sorted(set(want) | set(have) - {"drop"}):
+        if key != "drop" and want.get(key) != have.get(key):
+            return f"{key} changed ({have.get(key)!r} -> {want.get(key)!r})"
+    try:
+        files = expand_inputs(_resolve_inputs(config, config.data.datasets[name].inputs, corpus),
+                              DEFAULT_EXTENSIONS)
+    except DataError as e:
+        return str(e).split(";")[0]
+    changes = changed_files(meta["inputs"]["files"], stat_listing(files))
+    return "; ".join(changes[:3]) + (f" and {len(changes) - 3} more" if len(changes) > 3 else "") if changes \
+        else None
+
+
 def open_streams(config: Config, split: str):
-    """{dataset: TokenStream} for a split, after checking each dataset matches the tokenizer."""
-    from .prepare import check_dataset
+    """{dataset: TokenStream} for a split, after checking each dataset is complete, current and matches the
+    tokenizer (a stale dataset stops here with one line naming it and what changed)."""
+    from .prepare import check_dataset, shard_prefixes
     from .source import TokenStream
 
     if not tokenizer_path(config).is_file():
@@ -106,9 +167,14 @@ def open_streams(config: Config, split: str):
                         f"`megacrystal prepare --config ...` first")
     tokenizer = CrystalTokenizer.load(tokenizer_path(config), padded_vocab_size=config.model.vocab_size)
     streams = {}
-    for name in config.data.datasets:
+    for name, ds in config.data.datasets.items():
         prefix = data_dir(config) / name
         meta = check_dataset(prefix, tokenizer)
-        bin_path = indexed.files(indexed.split_prefix(prefix, split))[1]
-        streams[name] = TokenStream(str(bin_path), np.dtype(meta["dtype"]), config.model.seq_length)
+        reason = stale_reason(config, name, meta)
+        if reason:
+            raise DataError(f"dataset '{name}' is stale: {reason}; re-run `megacrystal prepare` to rebuild it")
+        bins = [indexed.files(indexed.split_prefix(p, split))[1] for p in shard_prefixes(prefix, meta)]
+        fp = hashlib.sha256(f"{meta['fingerprint']}:fim={ds.fim}".encode()).hexdigest()
+        streams[name] = TokenStream([str(b) for b in bins], np.dtype(meta["dtype"]), config.model.seq_length,
+                                    fingerprint=fp, allow_change=config.data.allow_data_change)
     return tokenizer, streams

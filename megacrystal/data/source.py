@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 
 from ..schedule.plan import RunPlan
 from .blend import BlendedSampler
+from .errors import DataError
 from .fim import fim_rng, fim_sample
 from .synthetic import SyntheticTokens
 
@@ -26,23 +28,47 @@ class GlobalBatch:
 class TokenStream:
     """A prepared split read as one token stream, cut into overlapping (S+1)-token samples every S tokens.
 
-    Documents are packed across sample boundaries with EOS between them and no per-document attention reset,
-    as Crystal's data was.
+    The split's shards (`.bin` files, in order) are one stream: a sample may span two shards. Documents are
+    packed across sample boundaries with EOS between them and no per-document attention reset, as Crystal's
+    data was. `fingerprint` says what the dataset was made from (checked when a run resumes).
     """
 
-    def __init__(self, bin_path: str, dtype: np.dtype, seq_length: int):
-        self.tokens = np.memmap(bin_path, dtype=dtype, mode="r")
+    def __init__(self, bin_paths, dtype: np.dtype, seq_length: int, fingerprint: str = "",
+                 allow_change: bool = False):
+        paths = [bin_paths] if isinstance(bin_paths, (str, bytes)) or hasattr(bin_paths, "__fspath__") \
+            else list(bin_paths)
+        self._parts = [np.memmap(p, dtype=dtype, mode="r") if os.path.getsize(p) else np.zeros(0, dtype)
+                       for p in paths]
+        self._starts = np.cumsum([0] + [len(p) for p in self._parts])
+        self.num_tokens = int(self._starts[-1])
         self.seq_length = seq_length
-        self.num_samples = max(0, (len(self.tokens) - 1) // seq_length)
+        self.num_samples = max(0, (self.num_tokens - 1) // seq_length)
+        self.fingerprint, self.allow_change = fingerprint, allow_change
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """All tokens (a view for one shard, a copy for several)."""
+        return self._parts[0] if len(self._parts) == 1 else np.concatenate(self._parts)
+
+    def _slice(self, start: int, stop: int) -> np.ndarray:
+        i = int(np.searchsorted(self._starts, start, side="right")) - 1
+        out = []
+        while start < stop and i < len(self._parts):
+            local = start - self._starts[i]
+            piece = self._parts[i][local:local + (stop - start)]
+            out.append(np.asarray(piece, dtype=np.int64))
+            start += len(piece)
+            i += 1
+        return out[0] if len(out) == 1 else np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def sample(self, index: int) -> np.ndarray:
         start = index * self.seq_length
-        return np.asarray(self.tokens[start:start + self.seq_length + 1], dtype=np.int64)
+        return self._slice(start, start + self.seq_length + 1)
 
     def first_samples(self, count: int) -> np.ndarray:
         """The first `count` samples, repeating the stream if it is shorter (tiny validation splits)."""
         need = count * self.seq_length + 1
-        stream = np.asarray(self.tokens, dtype=np.int64)
+        stream = self._slice(0, min(need, self.num_tokens))
         if len(stream) < need:
             stream = np.resize(stream, need)
         return np.stack([stream[i * self.seq_length:(i + 1) * self.seq_length + 1] for i in range(count)])
@@ -107,10 +133,21 @@ class BlendedSource:
         return self.sampler.consumed_samples()
 
     def state_dict(self) -> dict:
-        return self.sampler.state_dict()
+        return {**self.sampler.state_dict(), "fingerprints": {n: s.fingerprint for n, s in self.streams.items()}}
 
     def load_state_dict(self, state: dict):
-        return self.sampler.load_state_dict(state)
+        """Restore the sampler; a dataset changed since the checkpoint stops the run unless allowed."""
+        saved = state.get("fingerprints", {})
+        changed = [n for n, s in self.streams.items() if n in saved and saved[n] != s.fingerprint]
+        allowed = all(self.streams[n].allow_change for n in changed)
+        if changed and not allowed:
+            sizes = {n: state["datasets"].get(n, {}).get("size") for n in changed}
+            what = ", ".join(f"'{n}' ({sizes[n]} -> {self.streams[n].num_samples} samples)" for n in changed)
+            raise DataError(f"dataset {what} changed since the checkpoint (prepared again from other inputs or "
+                            f"options); resume with --allow-data-change to continue its sampling from the "
+                            f"recorded cursors, or start a fresh run")
+        state = {k: v for k, v in state.items() if k != "fingerprints"}
+        return self.sampler.load_state_dict(state, allow_size_change=set(changed))
 
 
 def _dataset_seed(seed: int, name: str) -> int:

@@ -124,6 +124,11 @@ class CrystalTokenizer:
         """Text to base-vocabulary ids; special-token strings in text stay plain text on purpose."""
         return self._sp.encode(text, out_type=int)
 
+    def encode_many(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        """Encode a batch of texts in one call into sentencepiece (same ids as `encode` on each); one thread by
+        default because callers parallelize with processes (sentencepiece's default uses every core)."""
+        return self._sp.encode(list(texts), out_type=int, num_threads=num_threads) if texts else []
+
     def decode(self, ids: Iterable[int]) -> str:
         """Ids to text; special ids become their strings, padding ids (unused rows) become nothing."""
         out: list[str] = []

@@ -173,7 +173,7 @@ def test_points_on_the_configs_own_datasets_and_bf16_against_fp32(tiny_data, tmp
     assert report["data"]["bench"]["weights"] == mixed and report["data"]["bench"]["fim_rate"] == 0.9
     data_dir = Path(tiny_data[1].partition("=")[2])
     assert report["data"]["train_tokens_sha256"] == {
-        name: hashlib.sha256((data_dir / f"{name}_train.bin").read_bytes()).hexdigest() for name in mixed}
+        name: hashlib.sha256((data_dir / f"{name}-00000_train.bin").read_bytes()).hexdigest() for name in mixed}
     for point in report["points"]:
         records = [json.loads(line) for line in
                    (tmp_path / "points" / point["name"] / "metrics.jsonl").read_text().splitlines()]

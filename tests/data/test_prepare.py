@@ -47,8 +47,14 @@ def corpus(tmp_path) -> Path:
 
 
 def read_docs(prefix: str) -> list[list[int]]:
-    ds = IndexedDataset(prefix)
-    return [ds[i].tolist() for i in range(len(ds))]
+    """Documents of `<out>_<split>` read with megatron's IndexedDataset over every shard of the dataset."""
+    out, split = str(prefix).rsplit("_", 1)
+    meta = json.loads(meta_path(out).read_text())
+    docs = []
+    for shard in meta["shards"]:
+        ds = IndexedDataset(str(Path(out).parent / f"{shard}_{split}"))
+        docs += [ds[i].tolist() for i in range(len(ds))]
+    return docs
 
 
 def test_writes_indexed_datasets_with_eos_and_exact_counts(tmp_path, tok, corpus):
@@ -76,7 +82,7 @@ def test_workers_do_not_change_the_output(tmp_path, tok, corpus):
     prepare_dataset("a", [corpus], tok, tmp_path / "two", workers=2, progress=False)
     for split in ("train", "valid"):
         for ext in ("bin", "idx"):
-            one, two = Path(f"{tmp_path}/one_{split}.{ext}"), Path(f"{tmp_path}/two_{split}.{ext}")
+            one, two = Path(f"{tmp_path}/one-00000_{split}.{ext}"), Path(f"{tmp_path}/two-00000_{split}.{ext}")
             assert one.read_bytes() == two.read_bytes()
 
 
@@ -108,10 +114,10 @@ def test_reads_txt_files_and_source_directories(tmp_path, tok):
 def test_skips_unchanged_and_rebuilds_on_changes(tmp_path, tok_dir, tok, corpus):
     out = tmp_path / "ds"
     assert prepare_dataset("c", [corpus], tok, out, progress=False).status == "built"
-    bin_mtime = os.stat(f"{out}_train.bin").st_mtime_ns
+    bin_mtime = os.stat(f"{out}-00000_train.bin").st_mtime_ns
     os.utime(corpus, ns=(1, 1))  # a rewrite with the same bytes (a corpus rebuild) is not a change
     assert prepare_dataset("c", [corpus], tok, out, progress=False).status == "skipped"
-    assert os.stat(f"{out}_train.bin").st_mtime_ns == bin_mtime
+    assert os.stat(f"{out}-00000_train.bin").st_mtime_ns == bin_mtime
     other = CrystalTokenizer.load(tok_dir / "b.model", tok.vocab_size)
     assert prepare_dataset("c", [corpus], other, out, progress=False).status == "built"
     check_dataset(out, other)
@@ -131,19 +137,19 @@ def test_check_dataset_errors(tmp_path, tok_dir, tok, corpus):
         check_dataset(out, other_model)
     with pytest.raises(DataError, match="'code'.*vocabulary size 544 .* 576"):
         check_dataset(out, CrystalTokenizer.load(tok_dir / "a.model", 576))
-    Path(f"{out}_valid.idx").unlink()
-    with pytest.raises(DataError, match=r"ds_valid\.idx is missing; run `megacrystal prepare`"):
+    Path(f"{out}-00000_valid.idx").unlink()
+    with pytest.raises(DataError, match=r"ds-00000_valid\.idx is missing; run `megacrystal prepare`"):
         check_dataset(out, tok)
-    with pytest.raises(DataError, match=r"nothing_train\.idx is missing"):
+    with pytest.raises(DataError, match=r"nothing-00000_train\.idx is missing"):
         check_dataset(tmp_path / "nothing", tok)
 
 
 def test_check_dataset_catches_a_truncated_bin(tmp_path, tok, corpus):
     out = tmp_path / "ds"
     prepare_dataset("code", [corpus], tok, out, progress=False)
-    with open(f"{out}_train.bin", "r+b") as fh:
+    with open(f"{out}-00000_train.bin", "r+b") as fh:
         fh.truncate(100)
-    with pytest.raises(DataError, match="split train"):
+    with pytest.raises(DataError, match="ds-00000_train: .* tokens in the index but 100 bytes"):
         check_dataset(out, tok)
 
 
@@ -152,7 +158,7 @@ def test_input_errors(tmp_path, tok):
         prepare_dataset("x", [tmp_path / "missing.jsonl"], tok, tmp_path / "x", progress=False)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"content": "code"}) + "\n")
-    with pytest.raises(DataError, match=r"bad\.jsonl:1: no string field 'text'"):
+    with pytest.raises(DataError, match=r"'x': 1 of 1 records are bad .*bad\.jsonl:1: no field 'text'"):
         prepare_dataset("x", [bad], tok, tmp_path / "x", progress=False)
     assert prepare_dataset("x", [bad], tok, tmp_path / "x", text_field="content", valid_fraction=0.0,
                            progress=False).meta["documents"] == 1
@@ -168,7 +174,7 @@ def test_megatron_gpt_dataset_accepts_the_output_and_tokenizer(tmp_path, tok, co
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     prepare_dataset("code", [corpus], tok, tmp_path / "code", progress=False)
-    config = GPTDatasetConfig(random_seed=1, sequence_length=32, blend=([f"{tmp_path}/code_train"], None),
+    config = GPTDatasetConfig(random_seed=1, sequence_length=32, blend=([f"{tmp_path}/code-00000_train"], None),
                               split="1,0,0", tokenizer=tok, reset_position_ids=False,
                               reset_attention_mask=False, eod_mask_loss=False)
     train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [8, 0, 0], lambda: True, config).build()
@@ -180,4 +186,4 @@ def test_megatron_gpt_dataset_accepts_the_output_and_tokenizer(tmp_path, tok, co
 def test_reports_progress_and_tokens_per_second(tmp_path, tok, corpus, capsys):
     prepare_dataset("code", [corpus], tok, tmp_path / "code", workers=1)
     err = capsys.readouterr().err
-    assert "prepare code" in err and "tokens/s" in err
+    assert "prepared code: 120 documents" in err and "tokens/s" in err

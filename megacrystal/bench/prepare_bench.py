@@ -1,0 +1,259 @@
+"""`megacrystal bench-prepare`: `megacrystal prepare` against Megatron-LM's tools/preprocess_data.py and against
+sentencepiece's own in-memory multi-thread encode (the limit), on the same JSONL, tokenizer and workers.
+
+Sides run as separate processes, alternated round by round (a host whose speed drifts moves all sides alike);
+the best round of each counts. Each side's wall time includes its start-up (imports), as a user sees it; peak
+memory is the largest summed RSS of the side's process tree, sampled every 50 ms. Writes report.json, report.md
+and a PNG under --out.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..data.errors import DataError
+
+# Megatron-LM's training package imports a Triton kernel module that CPU machines cannot import; preprocessing
+# never runs it, so the runner puts a stand-in for that one module in sys.modules and runs the tool unchanged.
+_MEGATRON_RUNNER = textwrap.dedent("""
+    import runpy, sys, types
+    stub = types.ModuleType("megatron.core.transformer.custom_layers.batch_invariant_kernels")
+    stub.enable_batch_invariant_mode = lambda *a, **k: None
+    stub.is_batch_invariant_mode_enabled = lambda *a, **k: False
+    sys.modules[stub.__name__] = stub
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+
+_SPM_LIMIT = textwrap.dedent("""
+    import json, sys, time
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=sys.argv[1])
+    texts = [json.loads(l)["text"] for l in open(sys.argv[2], encoding="utf-8") if l.strip()]
+    texts = [t for t in texts if t.strip()]
+    start = time.perf_counter()
+    ids = sp.encode(texts, out_type=int, num_threads=int(sys.argv[3]))
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "tokens": sum(map(len, ids)) + len(ids), "documents": len(ids)}))
+""")
+
+_OURS = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from megacrystal.data.tokenizer import CrystalTokenizer
+    from megacrystal.data.prepare import prepare_dataset
+    model, jsonl, out, workers, dedup = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+    tok = CrystalTokenizer.load(model)
+    kw = {}
+    if dedup != "none":
+        from megacrystal.data.dedup import dedup_datasets
+        spec = {"bench": ([jsonl], {"text_field": "text", "filters": {}})}
+        drop, fp, counts = dedup_datasets(spec, Path(out).parent / "dedup", near=dedup == "near",
+                                          workers=workers, progress=False)["bench"]
+        kw = {"drop": drop, "drop_fingerprint": fp, "dedup_counts": counts}
+    r = prepare_dataset("bench", [jsonl], tok, out, workers=workers, progress=False, force=True, **kw)
+    print(json.dumps({"tokens": r.meta["tokens"], "documents": r.meta["documents"],
+                      "duplicates_removed": r.meta["duplicates_removed"]}))
+""")
+
+
+def _peak_rss_run(cmd: list[str], env: dict, cwd: str | None = None) -> tuple[float, int, str]:
+    """(wall seconds, peak summed RSS of the process tree in bytes, stdout) of one command."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd, text=True)
+    parent = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            procs = [parent] + parent.children(recursive=True)
+            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise DataError(f"benchmark side `{' '.join(cmd[:4])} ...` failed ({proc.returncode}): "
+                        f"{err.strip().splitlines()[-1] if err.strip() else 'no output'}")
+    return seconds, peak, out
+
+
+def _megatron_tokens(prefix: Path) -> int:
+    from ..data.indexed import read_index
+
+    _, lengths = read_index(f"{prefix}_text_document")
+    return int(lengths.astype(np.int64).sum())
+
+
+def run(input_jsonl: Path, model: Path, out: Path, workers: int, rounds: int, megatron: Path | None,
+        dedup: str) -> dict:
+    """Run the sides `rounds` times alternated and write the report; return it."""
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                                    os.environ.get("PYTHONPATH")])))
+    py = sys.executable
+    sides = {
+        "sentencepiece": [py, "-c", _SPM_LIMIT, str(model), str(input_jsonl), str(workers)],
+        "megacrystal": [py, "-c", _OURS, str(model), str(input_jsonl), str(work / "ours" / "bench"),
+                        str(workers), "none"],
+    }
+    if dedup != "none":
+        sides[f"megacrystal+dedup-{dedup}"] = [py, "-c", _OURS, str(model), str(input_jsonl),
+                                               str(work / "dedup" / "bench"), str(workers), dedup]
+    if megatron is not None:
+        tool = megatron / "tools" / "preprocess_data.py"
+        if not tool.is_file():
+            raise DataError(f"--megatron {megatron}: no tools/preprocess_data.py; point it at a Megatron-LM tree")
+        sides["megatron-lm"] = [py, "-c", _MEGATRON_RUNNER, str(tool), "--input", str(input_jsonl),
+                                "--output-prefix", str(work / "megatron" / "bench"), "--tokenizer-type",
+                                "SentencePieceTokenizer", "--tokenizer-model", str(model), "--workers",
+                                str(workers), "--append-eod", "--log-interval", "1000000"]
+    for sub in ("ours", "dedup", "megatron"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {name: [] for name in sides}
+    for r in range(rounds):
+        for name, cmd in (sides.items() if r % 2 == 0 else reversed(list(sides.items()))):
+            env_side = dict(env, PYTHONPATH=f"{megatron}{os.pathsep}{env['PYTHONPATH']}") if name == "megatron-lm" \
+                else env
+            seconds, peak, stdout = _peak_rss_run(cmd, env_side)
+            row = {"round": r, "seconds": round(seconds, 3), "peak_rss_mb": round(peak / 2**20, 1)}
+            if name == "megatron-lm":
+                row["tokens"] = _megatron_tokens(work / "megatron" / "bench")
+            else:
+                measured = json.loads(stdout.strip().splitlines()[-1])
+                if name == "sentencepiece":  # its wall time includes reading the texts; the limit is the encode
+                    row["encode_seconds"] = round(measured.pop("seconds"), 3)
+                row.update(measured)
+            results[name].append(row)
+            print(f"round {r} {name}: {row}", file=sys.stderr, flush=True)
+    return _report(out, input_jsonl, model, workers, rounds, results)
+
+
+def _report(out: Path, input_jsonl: Path, model: Path, workers: int, rounds: int, results: dict) -> dict:
+    mb = input_jsonl.stat().st_size / 1e6
+    best = {}
+    for name, rows in results.items():
+        key = "encode_seconds" if name == "sentencepiece" else "seconds"
+        row = min(rows, key=lambda r: r[key] if key in r else r["seconds"])
+        seconds = row.get(key, row["seconds"])
+        best[name] = {"seconds": seconds, "mb_per_s": round(mb / seconds, 3),
+                      "mb_per_s_per_core": round(mb / seconds / workers, 3), "tokens": row["tokens"],
+                      "peak_rss_mb": max(r["peak_rss_mb"] for r in rows)}
+    limit = best["sentencepiece"]["seconds"]
+    for name, b in best.items():
+        b["of_sentencepiece_limit"] = round(limit / b["seconds"], 3)
+        if "megatron-lm" in best:
+            b["vs_megatron"] = round(best["megatron-lm"]["seconds"] / b["seconds"], 3)
+    report = {"input": str(input_jsonl), "input_mb": round(mb, 2), "tokenizer": str(model), "workers": workers,
+              "rounds": rounds, "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
+              "best": best, "runs": results,
+              "identical_token_counts": len({b["tokens"] for n, b in best.items() if "dedup" not in n}) == 1}
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    lines = [f"# prepare benchmark: {mb:.1f} MB JSONL, {workers} workers, best of {rounds} alternated rounds", "",
+             "| side | seconds | MB/s | MB/s per core | of sentencepiece limit | vs Megatron-LM | tokens | "
+             "peak RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, b in best.items():
+        lines.append(f"| {name} | {b['seconds']:.2f} | {b['mb_per_s']:.2f} | {b['mb_per_s_per_core']:.2f} | "
+                     f"{b['of_sentencepiece_limit']:.2f} | {b.get('vs_megatron', float('nan')):.2f} | "
+                     f"{b['tokens']:,} | {b['peak_rss_mb']:.0f} |")
+    lines += ["", f"Identical token counts (without dedup): {report['identical_token_counts']}. The "
+              "sentencepiece row times only `encode(texts, num_threads=workers)` of texts already in memory; the "
+              "others are whole processes (start-up, reading, writing)."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    _plot(out / "prepare.png", best)
+    return report
+
+
+def _plot(path: Path, best: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    names = list(best)
+    ax.barh(names, [best[n]["mb_per_s"] for n in names], color="tab:blue")
+    ax.set_xlabel("MB/s of JSONL input (best round)")
+    ax.set_title("prepare throughput")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def stdlib_jsonl(path: Path, max_bytes: int) -> Path:
+    """A JSONL of this machine's Python standard library sources (real code), up to max_bytes of text."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    total = 0
+    with path.open("w", encoding="utf-8") as fh:
+        while total < max_bytes:  # repeat the library when more is asked than it holds
+            before = total
+            for src in sorted(root.rglob("*.py")):
+                try:
+                    text = src.read_text(encoding="utf-8")
+                except (UnicodeDecodeError, OSError):
+                    continue
+                fh.write(json.dumps({"text": text}) + "\n")
+                total += len(text)
+                if total >= max_bytes:
+                    break
+            if total == before:
+                break
+    return path
+
+
+def register(subparsers) -> None:
+    """Add `megacrystal bench-prepare`."""
+    p = subparsers.add_parser("bench-prepare", help="benchmark prepare against Megatron-LM's preprocess_data.py "
+                                                    "and sentencepiece's in-memory encode")
+    p.add_argument("--input", help="JSONL with a `text` field (default: the Python stdlib sources, --mb MB)")
+    p.add_argument("--mb", type=float, default=20.0, help="size of the default input in MB (default 20)")
+    p.add_argument("--tokenizer", help="sentencepiece .model (default: train a 2000-piece BPE on the input)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--megatron", help="a Megatron-LM source tree (with tools/preprocess_data.py; needs six, regex)")
+    p.add_argument("--dedup", choices=("none", "exact", "near"), default="near",
+                   help="also run ours with this dedup (default near)")
+    p.add_argument("--out", default="docs/benchmarks/bench-prepare")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    p.set_defaults(handler=_main)
+
+
+def _main(args) -> int:
+    for flag in ("workers", "rounds", "mb"):
+        if getattr(args, flag) <= 0:
+            raise DataError(f"--{flag} {getattr(args, flag)}: give a positive number")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.input:
+        jsonl = Path(args.input)
+        if not jsonl.is_file():
+            raise DataError(f"--input {jsonl} does not exist")
+    else:
+        jsonl = stdlib_jsonl(out / "input.jsonl", int(args.mb * 1e6))
+    if args.tokenizer:
+        model = Path(args.tokenizer)
+    else:
+        from ..data.tokenizer import train_tokenizer
+
+        model = train_tokenizer([jsonl], out / "tokenizer", 2000, max_sentences=200_000)
+    report = run(jsonl, model, out, args.workers, args.rounds, Path(args.megatron) if args.megatron else None,
+                 args.dedup)
+    shutil.rmtree(out / "work", ignore_errors=True)
+    if not args.input:
+        (out / "input.jsonl").unlink()
+    print((out / "report.md").read_text())
+    return 0 if report else 1
