@@ -40,3 +40,23 @@ def test_grad_norm_by_dot_products_is_megatrons_and_exact(result):
     norm = result["grad_norm"]
     assert norm["patched"]
     assert norm["megatron"] == pytest.approx(norm["exact"], rel=1e-6)
+
+
+def test_install_is_idempotent_and_lists_every_patch_under_debug(result):
+    life = result["lifecycle"]
+    assert life["again_same"]  # a second install() patches nothing twice
+    assert len(life["names"]) == len(set(life["names"])) >= 9
+    for name in life["names"]:
+        assert name in life["listing"]
+    assert life["listing"].startswith(f"cpu_compat: {len(life['names'])} CPU workarounds installed")
+
+
+def test_uninstall_restores_upstream(result):
+    life = result["lifecycle"]
+    changed = {key for key in life["original_ids"] if life["installed_ids"][key] != life["original_ids"][key]}
+    assert changed == set(life["original_ids"])  # every probed attribute was replaced while installed
+    assert life["uninstalled_ids"] == life["original_ids"]
+    assert life["installed_after_uninstall"] == 0
+    for call in ("causal_mask", "rotary", "rng_state", "clip_grads"):
+        assert life["after_uninstall"][call] != "ok", call  # upstream fails again
+        assert life["after_reinstall"][call] == "ok", life["after_reinstall"][call]

@@ -54,6 +54,8 @@ def reference_kwargs(m) -> dict:
 
 def forward_against_reference() -> dict:
     """Max relative logit difference of megatron Crystal vs the plain-PyTorch spec (and negative controls)."""
+    from megacrystal.config.schema import KernelsSection
+    from megacrystal.kernels.select import select_kernels
     from megacrystal.model.crystal import build_model_chunks
     from megacrystal.model.init import init_crystal_weights
 
@@ -86,7 +88,19 @@ def forward_against_reference() -> dict:
         def rel(a, b):
             return float((a - b).abs().max() / b.abs().max())
 
+        # Every kernel switch off: megatron's own attention core, RoPE, MLP, vocabulary layers and loss (the torch
+        # reference paths of kernels/), with the same weights, against the same spec.
+        off = KernelsSection(**{name: "off" for name in KernelsSection.model_fields})
+        (plain,) = build_model_chunks(m, config.parallel, kernels=select_kernels(off, "cpu", {}))
+        plain.load_state_dict(model.state_dict())
+        plain.eval()
+        with torch.no_grad():
+            theirs = plain(tokens, positions, None)
+        layer = plain.decoder.layers[0]
+        classes = sorted({type(layer.self_attention.core_attention).__name__, type(layer.mlp).__name__,
+                          type(plain.embedding.word_embeddings).__name__, type(plain.output_layer).__name__})
         return {"rel": rel(ours, ref), "rel_rotate_half": rel(rotate_half, ref), "rel_no_mup": rel(no_mup, ref),
+                "rel_torch_paths": rel(theirs, ref), "torch_path_classes": classes,
                 "shape": tuple(ours.shape), "rotary_dim": m.rotary_dim, "head_dim": m.head_dim,
                 "denormals": {"kept_before_setup": kept_before, "flushed_after_setup": flushed_after}}
     finally:
@@ -95,7 +109,7 @@ def forward_against_reference() -> dict:
 
 def gradients_against_reference() -> dict:
     """Gradients against autograd through the spec's formulas in float64, in fp32 and bf16: the tied vocabulary
-    weight (embedding + output projection, model/vocab.py), the final norm (through the projection's input
+    weight (embedding + output projection, kernels/vocab.py), the final norm (through the projection's input
     gradient) and a layer's fc2 weight. Three ways: megatron DDP's fp32 main_grad as the engine keeps it
     (distributed/grad_buffer.py: a stale buffer from an earlier step overwritten, then a second micro-batch
     added), and a plain .grad without DDP (the DeepSpeed engine's path)."""
@@ -170,7 +184,7 @@ def core_attention_against_megatron() -> dict:
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megacrystal.model.attention import CrystalCoreAttention
+    from megacrystal.kernels.attention import CrystalCoreAttention
     from megacrystal.model.crystal import transformer_config
 
     config = config_from_dict(SMALL)
@@ -229,7 +243,7 @@ def crystal_7b_on_meta(config_path: str) -> dict:
 
 def model_checks(config_path: str) -> dict:
     """Everything test_crystal.py asserts on, from one process (megatron-core imports once)."""
-    from megacrystal.model import vocab
+    from megacrystal.kernels import vocab
 
     vocab.VOCAB_BLOCK = 48  # the 128-token vocabulary's logits in three GEMMs, the last one ragged
     return {"forward": forward_against_reference(), "meta7b": crystal_7b_on_meta(config_path),
