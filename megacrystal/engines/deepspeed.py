@@ -111,7 +111,7 @@ class DeepSpeedEngine:
         import deepspeed  # after runtime.setup_parallel: distributed/cpu_compat.py's workarounds are installed
 
         self._deepspeed = deepspeed
-        kernels = select_kernels(config.kernels, layout.device.type)
+        kernels = select_kernels(config.kernels, layout.device.type, precision=config.train.precision)
         if layout.is_main:
             announce(kernels, config.run_dir())
         (self.module,) = build_model_chunks(config.model, config.parallel, config.train.precision, kernels)

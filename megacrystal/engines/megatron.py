@@ -27,7 +27,7 @@ class MegatronEngine:
 
     def __init__(self, config: Config, layout: Layout):
         self.config, self.layout = config, layout
-        self.kernels = select_kernels(config.kernels, layout.device.type)
+        self.kernels = select_kernels(config.kernels, layout.device.type, precision=config.train.precision)
         if layout.is_main:
             announce(self.kernels, config.run_dir())
         chunks = build_model_chunks(config.model, config.parallel, config.train.precision, self.kernels)

@@ -1,7 +1,7 @@
 """The one place that decides which kernels a Crystal model runs: layer spec, fused kernels, TransformerConfig flags.
 
-`select_kernels(switches, device, importable)` is pure: it reads the config's `kernels:` switches, the device
-type and which optional packages import (with their versions), and returns a KernelChoice. Nothing here imports
+`select_kernels(switches, device, importable, precision)` is pure: it reads the config's `kernels:` switches, the
+device type, which optional packages import (with their versions) and the precision, and returns a KernelChoice. Nothing here imports
 megatron-core, so the decision is cheap to test for every combination. Crystal's numerics (25% interleaved
 rotary, scores / head_dim, the muP multipliers, biases everywhere, LayerNorm with bias) hold in every path: a
 fused kernel that cannot express one of them is not chosen, and the reason is recorded.
@@ -83,17 +83,15 @@ def _dotted(version: tuple[int, ...]) -> str:
     return ".".join(map(str, version))
 
 
-def select_kernels(switches, device: str, importable: Mapping[str, tuple[int, ...] | None] | None = None
-                   ) -> KernelChoice:
-    """The kernels for `device` ("cpu" or "cuda") given the config's KernelsSection and the importable packages
-    ({name: version}; default: what imports in this process)."""
-    if importable is None:
-        importable = importable_packages()
+def select_kernels(switches, device: str, importable: Mapping[str, tuple[int, ...] | None] | None = None,
+                   precision: str = "fp32") -> KernelChoice:
+    """The kernels for `device` ("cpu" or "cuda") and `precision` ("fp32" or "bf16") given the config's
+    KernelsSection and the importable packages ({name: version}; default: what imports in this process)."""
     if device == "cpu":
         return _cpu_choice(switches)
     if device != "cuda":
         raise ValueError(f"no kernel choice for device {device!r} (cpu or cuda)")
-    return _cuda_choice(switches, importable)
+    return _cuda_choice(switches, importable_packages() if importable is None else importable, precision)
 
 
 def _off(switches, name: str) -> bool:
@@ -122,7 +120,7 @@ def _cpu_choice(s) -> KernelChoice:
         layernorm="torch", adam="torch", flags=flags, reasons=reasons)
 
 
-def _cuda_choice(s, have: Mapping[str, tuple[int, ...] | None]) -> KernelChoice:
+def _cuda_choice(s, have: Mapping[str, tuple[int, ...] | None], precision: str) -> KernelChoice:
     reasons = {}
     te_version = have.get("transformer_engine") if "transformer_engine" in have else None
     te = "transformer_engine" in have and not _off(s, "transformer_engine")
@@ -176,9 +174,17 @@ def _cuda_choice(s, have: Mapping[str, tuple[int, ...] | None]) -> KernelChoice:
     swiglu = "megatron" if _off(s, "swiglu") else "megatron-fused"  # bias_swiglu_impl: [gate; up], silu(gate)
     if swiglu == "megatron":
         reasons["swiglu"] = "kernels.swiglu: off"
-    cross_entropy = "megatron" if _off(s, "cross_entropy") else "megatron-fused"  # native impl, fp32 math
-    if cross_entropy == "megatron":
+    # megatron-core 0.16's fused (native) cross entropy computes in fp32 but returns the logits' gradient in bf16
+    # whatever the logits' dtype (fused_cross_entropy.calculate_gradients): exact for bf16 logits only.
+    if _off(s, "cross_entropy"):
+        cross_entropy = "megatron"
         reasons["cross_entropy"] = "kernels.cross_entropy: off"
+    elif precision != "bf16":
+        cross_entropy = "megatron"
+        reasons["cross_entropy"] = ("megatron's fused cross entropy rounds the logits' gradient to bf16; "
+                                    "fp32 keeps the unfused one")
+    else:
+        cross_entropy = "megatron-fused"
     reasons["vocab"] = "megacrystal's vocabulary layers are tuned for CPU; megatron's on CUDA"
 
     # megatron's output layer (a ColumnParallelLinear under any spec) refuses gradient_accumulation_fusion

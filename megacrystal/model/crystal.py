@@ -25,17 +25,16 @@ from ..kernels.swiglu import use_swiglu_mlp
 from ..kernels.vocab import use_vocab_layers
 
 
-def default_kernels(device: str | None = None) -> KernelChoice:
+def default_kernels(precision: str = "fp32") -> KernelChoice:
     """The kernels with every switch on auto, for this process's device (CUDA when torch sees one)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return select_kernels(KernelsSection(), device)
+    return select_kernels(KernelsSection(), "cuda" if torch.cuda.is_available() else "cpu", precision=precision)
 
 
 def transformer_config(model: ModelSection, parallel: ParallelSection, precision: str = "fp32",
                        kernels: KernelChoice | None = None) -> TransformerConfig:
     """megatron-core TransformerConfig for a Crystal model under the given parallel layout and kernels."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    kernels = kernels or default_kernels()
+    kernels = kernels or default_kernels(precision)
     flags = dict(kernels.flags)
     if "attention_backend" in flags:
         from megatron.core.transformer.enums import AttnBackend
@@ -137,7 +136,7 @@ def build_model_chunks(model: ModelSection, parallel: ParallelSection, precision
                        kernels: KernelChoice | None = None) -> list[CrystalGPTModel]:
     """This rank's model: one chunk, or one per virtual pipeline stage (interleaved 1F1B), with the given kernels
     (default: every switch on auto for this process's device)."""
-    kernels = kernels or default_kernels()
+    kernels = kernels or default_kernels(precision)
     config = transformer_config(model, parallel, precision, kernels)
     own_rotary = kernels.rotary == "crystal"  # the attention core applies it; else GPTModel's RoPE
     chunks = []

@@ -53,20 +53,24 @@ def test_cpu_choice_is_todays_whatever_imports(monkeypatch, combo):
     assert choice.flags == TODAYS_CPU_FLAGS
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("combo", COMBINATIONS, ids=_ids)
-def test_cuda_choice_per_importable_packages(monkeypatch, combo):
+def test_cuda_choice_per_importable_packages(monkeypatch, combo, precision):
     _stub(monkeypatch, {name: "2.5.0" for name in combo})  # a TE new enough for every fusion
     te, apex = "transformer_engine" in combo, "apex" in combo
-    choice = select_kernels(KernelsSection(), "cuda")
+    choice = select_kernels(KernelsSection(), "cuda", precision=precision)
 
     assert choice.layer_spec == ("transformer_engine" if te else "local")
     assert choice.attention == ("transformer_engine" if te else "torch-sdpa")
     assert choice.rotary == ("megatron-fused" if te else "crystal")  # without TE: Crystal's op in the SDPA core
     assert choice.layernorm == ("transformer_engine" if te else "apex" if apex else "torch")
     assert choice.adam == ("transformer_engine" if te else "apex" if apex else "torch")  # megatron's import order
-    assert (choice.swiglu, choice.cross_entropy, choice.vocab) == ("megatron-fused", "megatron-fused", "megatron")
+    assert (choice.swiglu, choice.vocab) == ("megatron-fused", "megatron")
+    # megatron's fused cross entropy hands back bf16 logit gradients: only where the logits are bf16 anyway
+    assert choice.cross_entropy == ("megatron-fused" if precision == "bf16" else "megatron")
     flags = choice.flags
-    assert flags["bias_activation_fusion"] and flags["bias_dropout_fusion"] and flags["cross_entropy_loss_fusion"]
+    assert flags["bias_activation_fusion"] and flags["bias_dropout_fusion"]
+    assert flags["cross_entropy_loss_fusion"] == (precision == "bf16")
     assert flags["apply_rope_fusion"] == te
     assert flags["persist_layer_norm"] == (apex and not te)
     assert flags["gradient_accumulation_fusion"] == ("fused_weight_gradient_mlp_cuda" in combo)
@@ -117,9 +121,9 @@ def test_every_switch_is_covered():
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_every_switch_forces_its_part_off(monkeypatch, switch, device):
     _stub(monkeypatch, {name: "2.5.0" for name in OPTIONAL_PACKAGES})
-    auto = select_kernels(KernelsSection(), device)
+    auto = select_kernels(KernelsSection(), device, precision="bf16")  # bf16: every fusion is on
     extra = {"transformer_engine": "off"} if switch == "fused_layernorm" else {}
-    off = select_kernels(KernelsSection(**{switch: "off", **extra}), device)
+    off = select_kernels(KernelsSection(**{switch: "off", **extra}), device, precision="bf16")
     part, torch_path, flag = OFF[switch]
     if part is not None:
         assert getattr(off, part) == torch_path
@@ -137,6 +141,7 @@ def test_reasons_name_what_kept_the_torch_path(monkeypatch):
     choice = select_kernels(KernelsSection(), "cuda")
     assert choice.reasons["transformer_engine"] == "not importable"
     assert "fused_weight_gradient_mlp_cuda" in choice.reasons["gradient_accumulation_fusion"]
+    assert "bf16" in choice.reasons["cross_entropy"]  # fp32: megatron's unfused cross entropy, and why
     off = select_kernels(KernelsSection(attention="off"), "cuda")
     assert off.reasons["attention"] == "kernels.attention: off"
 

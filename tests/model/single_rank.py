@@ -209,6 +209,53 @@ def core_attention_against_megatron() -> dict:
         teardown_parallel()
 
 
+def cuda_choice_on_cpu() -> dict:
+    """The CUDA choice without TE or apex (megatron's local spec, fused bias-SwiGLU, bias-dropout-add, Crystal's
+    attention core with torch's SDPA) built on this CPU: logits against the spec, loss gradients against the CPU
+    choice; and the same with megatron's fused cross entropy forced on in fp32 (what the choice avoids)."""
+    import dataclasses
+
+    from megacrystal.config.schema import KernelsSection
+    from megacrystal.kernels.select import select_kernels
+    from megacrystal.model.crystal import build_model_chunks
+    from megacrystal.model.init import init_crystal_weights
+
+    config = config_from_dict(SMALL)
+    m = config.model
+    setup_parallel(config)
+    try:
+        cuda = select_kernels(KernelsSection(), "cuda", {})
+        fused_ce = dataclasses.replace(cuda, cross_entropy="megatron-fused",
+                                       flags={**cuda.flags, "cross_entropy_loss_fusion": True})
+        gen = torch.Generator().manual_seed(13)
+        tokens = torch.randint(0, m.vocab_size, (2, m.seq_length), generator=gen)
+        labels = torch.randint(0, m.vocab_size, (2, m.seq_length), generator=gen)
+        positions = torch.arange(m.seq_length).expand_as(tokens)
+        grads, logits, names = {}, None, {}
+        for key, kernels in (("cpu", None), ("cuda", cuda), ("cuda_fused_ce", fused_ce)):
+            (model,) = build_model_chunks(m, config.parallel, kernels=kernels)
+            init_crystal_weights([model], m, seed=3)
+            model(tokens, positions, None, labels=labels).sum().backward()
+            grads[key] = {n: p.grad for n, p in model.named_parameters()}
+            layer = model.decoder.layers[0]
+            names[key] = [type(layer.mlp).__name__, model.config.bias_activation_fusion,
+                          model.config.cross_entropy_loss_fusion]
+            if key == "cuda":
+                with torch.no_grad():
+                    logits = model(tokens, positions, None)
+                weights = reference_weights({k: v.detach() for k, v in model.state_dict().items()
+                                             if not k.endswith("_extra_state")}, m.num_layers, m.num_heads)
+                ref = crystal_logits(weights, tokens, **reference_kwargs(m))
+
+        def grad_rel(key):
+            return max(float((grads[key][n] - g).abs().max() / g.abs().max()) for n, g in grads["cpu"].items())
+
+        return {"rel_logits": float((logits - ref).abs().max() / ref.abs().max()), "rel_grads": grad_rel("cuda"),
+                "rel_grads_fused_ce": grad_rel("cuda_fused_ce"), "modules": names}
+    finally:
+        teardown_parallel()
+
+
 def crystal_7b_on_meta(config_path: str) -> dict:
     """Build the real 7B on the meta device; report per-parameter init std and optimizer groups."""
     from megatron.core.optimizer import OptimizerConfig
@@ -247,4 +294,5 @@ def model_checks(config_path: str) -> dict:
 
     vocab.VOCAB_BLOCK = 48  # the 128-token vocabulary's logits in three GEMMs, the last one ragged
     return {"forward": forward_against_reference(), "meta7b": crystal_7b_on_meta(config_path),
+            "cuda_choice": cuda_choice_on_cpu(),
             "attention": core_attention_against_megatron(), "grads": gradients_against_reference()}

@@ -32,6 +32,22 @@ def test_torch_reference_paths_match_the_spec_too(checks):
     assert fwd["rel_torch_paths"] <= 1e-5, fwd
 
 
+def test_cuda_choice_without_te_or_apex_keeps_crystal_numerics(checks):
+    # Built on this CPU: megatron's fused bias-SwiGLU and bias-dropout-add, torch SDPA with Crystal's rotary.
+    cuda = checks["cuda_choice"]
+    assert cuda["modules"]["cuda"] == ["MLP", True, False] and cuda["modules"]["cpu"] == ["CrystalMLP", False, False]
+    assert cuda["rel_logits"] <= 1e-5, cuda
+    assert cuda["rel_grads"] <= 1e-5, cuda
+
+
+def test_megatron_fused_cross_entropy_still_rounds_fp32_gradients(checks):
+    # Why kernels/select.py keeps megatron's unfused cross entropy in fp32: if this fails, megatron now returns
+    # gradients in the logits' dtype and the fused one can be chosen in fp32 too.
+    cuda = checks["cuda_choice"]
+    assert cuda["modules"]["cuda_fused_ce"][2] is True
+    assert cuda["rel_grads_fused_ce"] > 1e-4, cuda
+
+
 def test_reference_is_sensitive_to_rotary_layout_and_mup(checks):
     # Negative controls: the comparison above would fail for a rotate-half model or a missing multiplier.
     assert checks["forward"]["rel_rotate_half"] > 1e-3
