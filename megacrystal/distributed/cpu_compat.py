@@ -394,8 +394,6 @@ def deepspeed_accelerator_env() -> bool:
     CPU. If you have GPU or other accelerator, we were unable to detect it." With DS_ACCELERATOR=cpu it
     picks the same CPU_Accelerator silently. Must run before deepspeed is first imported.
     """
-    import os
-
     if not needed() or _DEEPSPEED_ACCELERATOR_ENV in os.environ:
         return False
     os.environ[_DEEPSPEED_ACCELERATOR_ENV] = "cpu"

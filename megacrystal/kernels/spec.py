@@ -6,7 +6,7 @@ import functools
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from ..model.norm import CrystalLayerNorm
+from .layernorm import CrystalLayerNorm
 from .attention import CrystalCoreAttention
 from .rotary import RotaryEmbedding
 from .row_parallel import CrystalRowParallelLinear
