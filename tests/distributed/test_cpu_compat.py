@@ -1,5 +1,6 @@
 """Each CPU workaround is still needed (the upstream call fails without it), works, and stays narrow."""
 import math
+import sys
 
 import pytest
 import torch
@@ -60,3 +61,18 @@ def test_uninstall_restores_upstream(result):
     for call in ("causal_mask", "rotary", "rng_state", "clip_grads"):
         assert life["after_uninstall"][call] != "ok", call  # upstream fails again
         assert life["after_reinstall"][call] == "ok", life["after_reinstall"][call]
+
+
+def test_after_import_hook_runs_once_on_first_import(tmp_path, monkeypatch):
+    # How the DeepSpeed workarounds wait for deepspeed without importing it: a module made here stands in.
+    from megacrystal.distributed import cpu_compat
+
+    (tmp_path / "mc_after_import_probe.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    hook = cpu_compat._AfterImport("mc_after_import_probe", lambda module: seen.append(module.VALUE))
+    monkeypatch.setattr(sys, "meta_path", [hook, *sys.meta_path])
+    import mc_after_import_probe  # noqa: F401
+
+    assert seen == [1] and hook not in sys.meta_path
+    monkeypatch.delitem(sys.modules, "mc_after_import_probe")
