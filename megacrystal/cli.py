@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     if not args.debug:
         quiet_expected_warnings()
+    else:
+        os.environ["MEGACRYSTAL_DEBUG"] = "1"  # read where the work starts (distributed/cpu_compat.py's list)
     try:
         if getattr(args, "handler", None):
             return args.handler(args)

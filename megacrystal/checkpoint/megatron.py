@@ -11,8 +11,6 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing
 
-from ..distributed import cpu_compat
-
 _DISTOPT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
@@ -37,7 +35,6 @@ def load(engine, directory: Path, optimizer: bool = True) -> None:
     model_state = _model_state(engine)
     state = {"model": model_state}
     if optimizer:
-        cpu_compat.before_optimizer_load(engine.optimizer)
         state["optimizer"] = _optimizer_state(engine, model_state, is_loading=True)
     loaded = dist_checkpointing.load(state, str(directory))
     for i, chunk in enumerate(engine.model):
@@ -45,7 +42,6 @@ def load(engine, directory: Path, optimizer: bool = True) -> None:
     if optimizer:
         with torch.no_grad():
             engine.optimizer.load_state_dict(loaded["optimizer"])
-        cpu_compat.after_optimizer_load(engine.optimizer)
     # The distributed optimizer keeps fp32 main params apart from the model's; refresh them from the model.
     if not optimizer and hasattr(engine.optimizer, "reload_model_params"):
         engine.optimizer.reload_model_params()

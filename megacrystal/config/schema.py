@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import Section as _Section
 from .base import require as _require
@@ -113,6 +113,31 @@ class TrainSection(_Section):
         return self
 
 
+Switch = Literal["auto", "off"]
+
+
+class KernelsSection(_Section):
+    """Which fast kernels the model may use (megacrystal/kernels/select.py decides from the device and what is
+    importable). `auto`: the fast kernel where it exists and keeps Crystal's numerics; `off`: the torch path."""
+
+    transformer_engine: Switch = "auto"  # CUDA: Transformer Engine's layer spec (linears, norms, attention)
+    fused_layernorm: Switch = "auto"  # CUDA without TE: apex's fused LayerNorm in megatron's local spec
+    fused_adam: Switch = "auto"  # CUDA: TE's or apex's FusedAdam (megatron's pick); off: torch AdamW
+    attention: Switch = "auto"  # CPU: megacrystal's causal kernels; CUDA: TE's flash/fused or torch's SDPA
+    rotary: Switch = "auto"  # CPU: rotary inside the attention copy; CUDA: TE's fused RoPE (TE >= 2.3)
+    swiglu: Switch = "auto"  # CPU: one-node SwiGLU; CUDA: megatron's fused bias-SwiGLU
+    bias_dropout_fusion: Switch = "auto"  # CUDA: megatron's fused bias + dropout + residual add
+    vocab: Switch = "auto"  # CPU: embedding / output layer writing the tied weight's main_grad directly
+    cross_entropy: Switch = "auto"  # CPU: blockwise fp32 cross entropy; CUDA: megatron's fused one
+    gradient_accumulation_fusion: Switch = "auto"  # CUDA with TE or apex: weight gradients into main_grad
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        # YAML 1.1 reads a bare `off` as false (and `on` as true)
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
+
+
 class CheckpointSection(_Section):
     interval: Optional[int] = Field(None, gt=0)  # steps between saves; phase ends and the last step always save
     keep: int = Field(3, ge=1)  # newest checkpoints kept, besides every phase-end one
@@ -141,6 +166,7 @@ class Config(_Section):
     train: TrainSection
     data: DataSection = DataSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    kernels: KernelsSection = KernelsSection()
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "Config":

@@ -2,16 +2,24 @@
 
 megatron-core assumes CUDA throughout. Each patch below names the upstream behaviour it works around and
 is kept as narrow as it can be: megatron's own view of `torch` is redirected (not torch itself), and
-tensor-method aliases exist only while the named megatron function runs. `apply()` is a no-op when CUDA
-is available, so GPU runs use megatron-core unmodified. tests/distributed/test_cpu_compat.py shows each
-patch is still needed (the upstream call fails without it) and that it works.
+tensor-method aliases exist only while the named megatron function runs. One lifecycle: `install()` at runtime
+start (distributed/runtime.py) applies them all, once per process, and only when CUDA is absent, so GPU runs use
+megatron-core and DeepSpeed unmodified; `uninstall()` undoes them (for tests); `installed()` lists them (printed
+under --debug). tests/distributed/test_cpu_compat*.py show each patch is still needed (the upstream call fails
+without it) and that it works.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
+import importlib.abc
+import importlib.util
+import os
 import sys
 import types
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -40,6 +48,22 @@ _MEGATRON_MODULES = (
 def needed() -> bool:
     """True when the patches apply: no usable CUDA device."""
     return not torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One installed workaround: its name, the upstream behaviour it works around, and how to undo it."""
+
+    name: str
+    works_around: str
+    undo: Callable[[], None]
+
+
+_installed: list[Patch] = []
+
+
+def _restore(owner, name: str, original) -> Callable[[], None]:
+    return lambda: setattr(owner, name, original)
 
 
 def _on_cpu(device) -> bool:
@@ -91,7 +115,6 @@ class _TorchOnCpu(types.ModuleType):
 
 
 _TORCH_ON_CPU = _TorchOnCpu()
-_applied = False
 
 
 def _redirect_megatron_torch() -> int:
@@ -104,12 +127,33 @@ def _redirect_megatron_torch() -> int:
     return count
 
 
-def _cpu_rng_tracker() -> None:
+def _unredirect_megatron_torch() -> None:
+    for name, module in list(sys.modules.items()):
+        if name.startswith("megatron.core") and getattr(module, "torch", None) is _TORCH_ON_CPU:
+            module.torch = torch
+
+
+def _megatron_torch_view() -> Callable[[], None]:
+    """megatron modules call torch factories with a literal device="cuda" and torch.cuda.current_device(),
+    synchronize, empty_cache, get_rng_state, manual_seed, which raise on a CPU-only torch build."""
+    for name in _MEGATRON_MODULES:
+        importlib.import_module(name)
+    _redirect_megatron_torch()
+    return _unredirect_megatron_torch
+
+
+def _cpu_rng_tracker() -> Callable[[], None]:
     """tensor_parallel.random reads/writes torch.cuda default generators directly; use the CPU one."""
     import megatron.core.tensor_parallel.random as mp_random
 
+    saved = mp_random._get_cuda_rng_state, mp_random._set_cuda_rng_state
     mp_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     mp_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+
+    def undo():
+        mp_random._get_cuda_rng_state, mp_random._set_cuda_rng_state = saved
+
+    return undo
 
 
 _orig_tensor_type = torch.Tensor.type
@@ -145,7 +189,7 @@ def _with_cuda_tensor_aliases(fn):
     return wrapped
 
 
-def _scope_tensor_aliases() -> None:
+def _scope_tensor_aliases() -> Callable[[], None]:
     """Give the megatron functions that string-match 'torch.cuda.*Tensor' or call .cuda() the aliases.
 
     - optimizer.Float16OptimizerWithFloat16Params.__init__ and distrib_optimizer.DistributedOptimizer
@@ -168,10 +212,13 @@ def _scope_tensor_aliases() -> None:
         (clip_grads, "clip_grad_by_total_norm_fp32"),
         (optimizer, "clip_grad_by_total_norm_fp32"),  # imported by name into optimizer.py
     ]
+    undo = []
     for owner, name in targets:
         fn = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
         if not getattr(fn, "__megacrystal_cpu_compat__", False):
             setattr(owner, name, _with_cuda_tensor_aliases(fn))
+            undo.append(_restore(owner, name, fn))
+    return lambda: [restore() for restore in reversed(undo)]
 
 
 def l2_norm_by_dot_products(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
@@ -181,35 +228,15 @@ def l2_norm_by_dot_products(chunk_size, noop_flag, tensor_lists, per_tensor, *ar
     return total.float().reshape(1), None
 
 
-def _grad_norm_by_dot_products() -> None:
+def _grad_norm_by_dot_products() -> Callable[[], None]:
     """Speed: without Apex, megatron's clip_grads falls back to local_multi_tensor_l2_norm, one torch.norm per
-    gradient plus a float() each; on CPU a BLAS dot product per gradient reads the same bytes at twice the
-    speed (measured 7.5 against 17.6 ms per step for the 42M-parameter small model), fp64 across tensors."""
+    gradient plus a float() each; on CPU a BLAS dot product per gradient reads the same bytes faster, and sums
+    in fp64 across tensors (docs/benchmarks/README.md has the measurement)."""
     from megatron.core.optimizer import clip_grads
 
+    saved = clip_grads.l2_norm_impl
     clip_grads.l2_norm_impl = l2_norm_by_dot_products
-
-
-def apply() -> bool:
-    """Apply every CPU workaround once per process if CUDA is absent; return whether they are active.
-
-    Safe to call again after importing more of megatron-core: newly loaded modules get the CPU view too.
-    """
-    global _applied
-    if not needed():
-        return False
-    import importlib
-
-    for name in _MEGATRON_MODULES:
-        importlib.import_module(name)
-    _redirect_megatron_torch()
-    if not _applied:
-        _cpu_rng_tracker()
-        _scope_tensor_aliases()
-        _patch_reshardable_load()
-        _grad_norm_by_dot_products()
-        _applied = True
-    return True
+    return _restore(clip_grads, "l2_norm_impl", saved)
 
 
 def transformer_config_overrides() -> dict:
@@ -222,6 +249,22 @@ def transformer_config_overrides() -> dict:
     sends the two directions over different groups.
     """
     return {} if not needed() else {"batch_p2p_comm": False}
+
+
+def _gloo_config_overrides() -> Callable[[], None]:
+    """Every megatron config built in this process gets transformer_config_overrides() before its checks run."""
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    original = ModelParallelConfig.__post_init__
+
+    @functools.wraps(original)
+    def post_init(self):
+        for name, value in transformer_config_overrides().items():  # looked up per call: tests replace it
+            setattr(self, name, value)
+        return original(self)
+
+    ModelParallelConfig.__post_init__ = post_init
+    return _restore(ModelParallelConfig, "__post_init__", original)
 
 
 # -- optimizer checkpoint loading with torch's AdamW ----------------------------------------------------
@@ -272,12 +315,13 @@ def _skip_adam_step_on_reshard(original):
     return wrapped
 
 
-def _patch_reshardable_load() -> None:
+def _patch_reshardable_load() -> Callable[[], None]:
+    """DistributedOptimizer._set_main_param_and_optimizer_states raises KeyError('step') on torch AdamW state."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     original = DistributedOptimizer._set_main_param_and_optimizer_states
-    if not getattr(original, "__megacrystal_cpu_compat__", False):
-        DistributedOptimizer._set_main_param_and_optimizer_states = _skip_adam_step_on_reshard(original)
+    DistributedOptimizer._set_main_param_and_optimizer_states = _skip_adam_step_on_reshard(original)
+    return _restore(DistributedOptimizer, "_set_main_param_and_optimizer_states", original)
 
 
 def after_optimizer_load(optimizer) -> None:
@@ -290,6 +334,47 @@ def after_optimizer_load(optimizer) -> None:
             if "step" in group:
                 for param in group["params"]:
                     adamw.state[param]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
+_optimizer_load_depth = [0]  # ChainedOptimizer calls its members' methods: act around the outermost call only
+
+
+def _around_outermost(original, before=None, after=None):
+    @functools.wraps(original)
+    def wrapped(self, *args, **kwargs):
+        outermost = _optimizer_load_depth[0] == 0
+        if outermost and before is not None:
+            before(self, *args, **kwargs)
+        _optimizer_load_depth[0] += 1
+        try:
+            result = original(self, *args, **kwargs)
+        finally:
+            _optimizer_load_depth[0] -= 1
+        if outermost and after is not None:
+            after(self)
+        return result
+
+    return wrapped
+
+
+def _adamw_state_around_optimizer_load() -> Callable[[], None]:
+    """before_optimizer_load ahead of megatron's sharded_state_dict(is_loading=True), after_optimizer_load after
+    its load_state_dict, for every megatron optimizer class that implements them."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import ChainedOptimizer, Float16OptimizerWithFloat16Params, FP32Optimizer
+
+    def before(self, model_sharded_state_dict=None, is_loading=False, *args, **kwargs):
+        if is_loading:
+            before_optimizer_load(self)
+
+    undo = []
+    for cls in (ChainedOptimizer, DistributedOptimizer, Float16OptimizerWithFloat16Params, FP32Optimizer):
+        for name, hooks in (("sharded_state_dict", {"before": before}),
+                            ("load_state_dict", {"after": after_optimizer_load})):
+            original = cls.__dict__[name]
+            setattr(cls, name, _around_outermost(original, **hooks))
+            undo.append(_restore(cls, name, original))
+    return lambda: [restore() for restore in reversed(undo)]
 
 
 # =====================================================================================================
@@ -309,8 +394,6 @@ def deepspeed_accelerator_env() -> bool:
     CPU. If you have GPU or other accelerator, we were unable to detect it." With DS_ACCELERATOR=cpu it
     picks the same CPU_Accelerator silently. Must run before deepspeed is first imported.
     """
-    import os
-
     if not needed() or _DEEPSPEED_ACCELERATOR_ENV in os.environ:
         return False
     os.environ[_DEEPSPEED_ACCELERATOR_ENV] = "cpu"
@@ -332,11 +415,110 @@ def _disable_deepspeed_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__[_DEEPSPEED_SHM_OP] = False
 
 
-def import_deepspeed():
-    """Import and return `deepspeed` with the CPU workarounds applied (none when CUDA is available)."""
-    deepspeed_accelerator_env()
-    import deepspeed
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs `action(module)` right after `name` is first imported, without importing it now (DeepSpeed is slow
+    to import and most runs never do)."""
 
-    if needed():
+    def __init__(self, name: str, action: Callable[[types.ModuleType], None]):
+        self.name, self.action, self._finding = name, action, False
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name or self._finding:
+            return None
+        self._finding = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._finding = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module, action = spec.loader.exec_module, self.action
+
+        def run(module):
+            exec_module(module)
+            self.remove()
+            action(module)
+
+        spec.loader.exec_module = run
+        return spec
+
+    def remove(self) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+
+
+def _deepspeed_accelerator() -> Callable[[], None]:
+    set_here = deepspeed_accelerator_env()
+    return (lambda: os.environ.pop(_DEEPSPEED_ACCELERATOR_ENV, None)) if set_here else (lambda: None)
+
+
+def _deepspeed_shm_comm() -> Callable[[], None]:
+    """_disable_deepspeed_shm_comm_build, now if deepspeed is imported, else right after its import."""
+    if "deepspeed" in sys.modules:
         _disable_deepspeed_shm_comm_build()
-    return deepspeed
+        return lambda: None
+    hook = _AfterImport("deepspeed", lambda module: _disable_deepspeed_shm_comm_build())
+    sys.meta_path.insert(0, hook)
+    return hook.remove
+
+
+# -- the lifecycle -------------------------------------------------------------------------------------------
+# (name, what upstream does that it works around, the function that applies it and returns its undo)
+_PATCHES = (
+    ("megatron torch view", "literal device=\"cuda\" factories and torch.cuda.* calls in megatron modules",
+     _megatron_torch_view),
+    ("CPU RNG tracker", "tensor_parallel.random reads and writes the CUDA default generators", _cpu_rng_tracker),
+    ("scoped tensor aliases", "megatron optimizers and clip_grads check 'torch.cuda.*Tensor'; ties call .cuda()",
+     _scope_tensor_aliases),
+    ("unbatched pipeline p2p", "batch_p2p_comm relies on NCCL's grouped sends; gloo swaps same-shape messages",
+     _gloo_config_overrides),
+    ("AdamW state around optimizer load", "megatron's loaders expect a per-param `step` and restore it per "
+     "group only (torch AdamW)", _adamw_state_around_optimizer_load),
+    ("reshardable load without step", "fully_reshardable load copies a `step` key torch AdamW keeps per group",
+     _patch_reshardable_load),
+    ("grad norm by dot products", "speed: megatron's torch l2 norm fallback, one norm and float() per gradient",
+     _grad_norm_by_dot_products),
+    ("DeepSpeed accelerator cpu", "deepspeed autodetects the accelerator and warns on every rank",
+     _deepspeed_accelerator),
+    ("DeepSpeed shm op not built", "deepspeed.comm JIT-compiles an inference-only shared-memory op",
+     _deepspeed_shm_comm),
+)
+
+
+def install(verbose: bool = False) -> list[Patch]:
+    """Apply every CPU workaround once per process when CUDA is absent; return what is installed (nothing with
+    CUDA). Idempotent; calling it again after more of megatron-core is imported gives those modules the CPU view
+    too. `verbose` prints the list (the CLI's --debug)."""
+    if not needed():
+        return []
+    if not _installed:
+        for name, works_around, apply_patch in _PATCHES:
+            _installed.append(Patch(name, works_around, apply_patch()))
+    else:
+        _redirect_megatron_torch()
+    if verbose:
+        print(describe(), flush=True)
+    return list(_installed)
+
+
+def uninstall() -> None:
+    """Undo every installed workaround, newest first (for tests)."""
+    while _installed:
+        _installed.pop().undo()
+
+
+def installed() -> list[Patch]:
+    """The workarounds installed in this process."""
+    return list(_installed)
+
+
+def describe() -> str:
+    """The installed workarounds, one line each, for --debug."""
+    lines = [f"cpu_compat: {len(_installed)} CPU workarounds installed"]
+    lines += [f"  {p.name}: {p.works_around}" for p in _installed]
+    return "\n".join(lines)
+
+
+def debug_requested() -> bool:
+    """Whether the CLI ran with --debug (it sets MEGACRYSTAL_DEBUG for this process and its ranks)."""
+    return os.environ.get("MEGACRYSTAL_DEBUG") == "1"

@@ -6,7 +6,7 @@ a CPU) and its backward hook adds every gradient into it. Here zero_grad_buffer 
 parameter that got no gradient is zeroed before the gradients are reduced. The bucket padding is never written, so
 it stays zero from allocation. Works with megatron's own hook unchanged: ours runs first (an AccumulateGrad
 pre-hook) and sets `grad_added_to_main_grad`, so megatron's only clears `.grad` and tracks bucket readiness.
-Code that writes `main_grad` itself (model/vocab.py) goes through `accumulate` too and hands autograd a
+Code that writes `main_grad` itself (kernels/vocab.py) goes through `accumulate` too and hands autograd a
 placeholder marked `grad_is_placeholder`.
 """
 from __future__ import annotations

@@ -103,8 +103,8 @@ def init_process_group(device: torch.device | None = None) -> None:
 
 def configure_cpu(requested_threads: int | None) -> None:
     """Split the machine's cores among the ranks on this node unless the config says otherwise, and flush
-    denormal floats to zero: a matmul over denormals (softmax gradients of confident logits) runs up to 8x slower
-    on x86 CPUs (measured here on the tied output layer's backward); GPUs' matmul units flush them too."""
+    denormal floats to zero: a matmul over denormals (softmax gradients of confident logits) runs several times
+    slower on x86 CPUs; GPUs' matmul units flush them too."""
     if torch.cuda.is_available():
         return
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -120,7 +120,7 @@ def setup_parallel(config: Config) -> Layout:
     init_process_group(device)
     from . import cpu_compat
 
-    cpu_compat.apply()
+    cpu_compat.install(verbose=cpu_compat.debug_requested() and dist.get_rank() == 0)
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 

@@ -1,8 +1,7 @@
 """The data-parallel gradient all-reduce through shared memory, when every data-parallel rank is on this host (CPU).
 
 gloo all-reduces over TCP even between processes on one host: every byte is copied into the kernel and out again,
-and its threads take that CPU from the backward they overlap. Measured at the small shape with DP=2 x 1 thread on
-2 cores: a step with the large all-reduces skipped ran 4.57 against 4.80 s, 5% of the step. Here megatron's
+and its threads take that CPU from the backward they overlap (docs/benchmarks/README.md has the cost). Here megatron's
 gradient buffer of each rank is one slot of a shared-memory file (in /dev/shm, unlinked as soon as every rank
 has mapped it, before the first step: a crashed run leaves nothing behind). After backward each rank sums its 1/W of the
 buffer over all slots, in place in its own slot, and then copies the other ranks' sums from theirs: about three

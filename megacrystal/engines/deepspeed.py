@@ -14,8 +14,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..config import Config
-from ..distributed import cpu_compat
 from ..distributed.runtime import Layout
+from ..kernels.select import announce, select_kernels
 from ..model.crystal import build_model_chunks
 from ..model.init import init_crystal_weights
 from ..model.names import param_kind
@@ -108,8 +108,13 @@ class DeepSpeedEngine:
             raise ValueError("engine: deepspeed needs parallel.pp = 1")
         self.config, self.layout = config, layout
         self.ds_config = build_deepspeed_config(config, layout.dp)  # every ConfigError before any work
-        self._deepspeed = cpu_compat.import_deepspeed()
-        (self.module,) = build_model_chunks(config.model, config.parallel, config.train.precision)
+        import deepspeed  # after runtime.setup_parallel: distributed/cpu_compat.py's workarounds are installed
+
+        self._deepspeed = deepspeed
+        kernels = select_kernels(config.kernels, layout.device.type, precision=config.train.precision)
+        if layout.is_main:
+            announce(kernels, config.run_dir())
+        (self.module,) = build_model_chunks(config.model, config.parallel, config.train.precision, kernels)
         init_crystal_weights([self.module], config.model, config.train.seed)
         self.mpu = MegatronMPU()
         self.engine = self._initialize()

@@ -14,6 +14,8 @@ from ..config import Config
 from ..distributed import shm_reduce
 from ..distributed.grad_buffer import write_first_gradients
 from ..distributed.runtime import Layout
+from ..kernels.select import announce, select_kernels
+from ..kernels.spec import use_adam
 from ..model.crystal import build_model_chunks
 from ..model.init import init_crystal_weights
 from ..model.param_groups import megatron_group_overrides
@@ -25,7 +27,10 @@ class MegatronEngine:
 
     def __init__(self, config: Config, layout: Layout):
         self.config, self.layout = config, layout
-        chunks = build_model_chunks(config.model, config.parallel, config.train.precision)
+        self.kernels = select_kernels(config.kernels, layout.device.type, precision=config.train.precision)
+        if layout.is_main:
+            announce(self.kernels, config.run_dir())
+        chunks = build_model_chunks(config.model, config.parallel, config.train.precision, self.kernels)
         init_crystal_weights(chunks, config.model, config.train.seed)
         if config.train.compile:
             for chunk in chunks:
@@ -63,6 +68,7 @@ class MegatronEngine:
     def _build_optimizer(self):
         config = self.config
         o = config.optim
+        use_adam(self.kernels)
         optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",  # megatron's Adam with decoupled weight decay (AdamW)

@@ -194,7 +194,7 @@ def gather_deepspeed(ckpt: Path, config: Config) -> tuple[dict[str, torch.Tensor
     if config.deepspeed.zero_stage >= 1 and tp == 1:
         from ..distributed import cpu_compat
 
-        cpu_compat.import_deepspeed()
+        cpu_compat.install()  # no runtime here (no process group): DeepSpeed's CPU workarounds before its import
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(sys.stderr):  # it prints a summary; stdout is for results (score's JSON)

@@ -8,6 +8,22 @@ import torch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 EMBEDDING = "embedding.word_embeddings.weight"
+# Transformer Engine's layer spec fuses each LayerNorm into the linear after it; its parameters keep the local
+# spec's names here, so init, optimizer groups and exports see one model whichever kernels run it.
+_FUSED_NORMS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+
+
+def canonical_name(name: str) -> str:
+    """A layer-local parameter name under the local spec's names (TE's fused-norm names mapped back)."""
+    for fused, plain in _FUSED_NORMS.items():
+        if name.endswith(fused):
+            return name[:-len(fused)] + plain
+    return name
 
 
 def global_named_parameters(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
@@ -21,7 +37,7 @@ def global_named_parameters(chunk: torch.nn.Module) -> Iterator[tuple[str, torch
         match = _LAYER.match(name)
         if match:
             index = layers[int(match.group(1))].layer_number - 1
-            name = f"decoder.layers.{index}." + name[match.end():]
+            name = f"decoder.layers.{index}." + canonical_name(name[match.end():])
         elif name == "output_layer.weight":
             name = EMBEDDING
         yield name, param
@@ -29,6 +45,7 @@ def global_named_parameters(chunk: torch.nn.Module) -> Iterator[tuple[str, torch
 
 def param_kind(name: str, ndim: int) -> str:
     """Crystal's muP role of a parameter: embedding, hidden (2-D kernels), output (2-D projections), norm, bias."""
+    name = canonical_name(name)
     if name == EMBEDDING or name.startswith("output_layer."):
         return "embedding"
     if name.endswith(".bias"):

@@ -1,6 +1,8 @@
 """Runs in a fresh spawned process: each upstream call before and after megacrystal's CPU patches."""
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 
 import torch
@@ -38,7 +40,11 @@ def probe() -> dict:
     from megacrystal.distributed import cpu_compat
 
     before = {name: _attempt(call) for name, call in _calls().items()}
-    active = cpu_compat.apply()
+    originals = _upstream_ids()
+    listing = io.StringIO()
+    with contextlib.redirect_stdout(listing):
+        installed = cpu_compat.install(verbose=True)  # what --debug prints
+    again = cpu_compat.install()
     after = {name: _attempt(call) for name, call in _calls().items()}
     # The patches are narrow: torch itself is untouched outside the scoped megatron functions.
     outside = {
@@ -46,8 +52,36 @@ def probe() -> dict:
         "cuda_factory": _attempt(lambda: torch.zeros(1, device="cuda")),
         "cuda_current_device": _attempt(torch.cuda.current_device),
     }
-    return {"before": before, "after": after, "active": active, "outside": outside, "bf16": _bf16_steps(),
-            "grad_norm": _grad_norm()}
+    result = {"before": before, "after": after, "active": bool(installed), "outside": outside,
+              "bf16": _bf16_steps(), "grad_norm": _grad_norm()}
+    lifecycle = {"names": [p.name for p in installed], "listing": listing.getvalue(),
+                 "again_same": len(again) == len(installed) and all(a is b for a, b in zip(again, installed)),
+                 "original_ids": originals, "installed_ids": _upstream_ids()}
+    cpu_compat.uninstall()
+    lifecycle["after_uninstall"] = {name: _attempt(call) for name, call in _calls().items()}
+    lifecycle["uninstalled_ids"] = _upstream_ids()
+    lifecycle["installed_after_uninstall"] = len(cpu_compat.installed())
+    cpu_compat.install()
+    lifecycle["after_reinstall"] = {name: _attempt(call) for name, call in _calls().items()}
+    cpu_compat.uninstall()
+    result["lifecycle"] = lifecycle
+    return result
+
+
+def _upstream_ids() -> dict:
+    """Identity of every upstream attribute a patch replaces (equal before install and after uninstall)."""
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer import utils as transformer_utils
+
+    return {"torch": id(transformer_utils.torch), "rng": id(mp_random._get_cuda_rng_state),
+            "l2": id(clip_grads.l2_norm_impl), "clip": id(clip_grads.clip_grad_by_total_norm_fp32),
+            "post_init": id(ModelParallelConfig.__dict__["__post_init__"]),
+            "load": id(DistributedOptimizer.__dict__["load_state_dict"]),
+            "reshard": id(DistributedOptimizer.__dict__["_set_main_param_and_optimizer_states"]),
+            "f16_init": id(optimizer.Float16OptimizerWithFloat16Params.__dict__["__init__"])}
 
 
 def _grad_norm() -> dict:

@@ -18,11 +18,13 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the workaroun
 # deepspeed.init_distributed builds DeepSpeed's communication backend, which is where the shm op is built.
 _INIT = """
 import sys
-if sys.argv[1] == "patched":
+if sys.argv[1] == "patched":  # as the runtime does before any engine imports deepspeed
+    from megacrystal.quiet import quiet_expected_warnings
+    quiet_expected_warnings()
     from megacrystal.distributed import cpu_compat
-    deepspeed = cpu_compat.import_deepspeed()
-else:
-    import deepspeed
+    assert "deepspeed" not in sys.modules
+    cpu_compat.install()
+import deepspeed
 deepspeed.init_distributed(dist_backend="gloo")
 print("initialized")
 """

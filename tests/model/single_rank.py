@@ -54,6 +54,8 @@ def reference_kwargs(m) -> dict:
 
 def forward_against_reference() -> dict:
     """Max relative logit difference of megatron Crystal vs the plain-PyTorch spec (and negative controls)."""
+    from megacrystal.config.schema import KernelsSection
+    from megacrystal.kernels.select import select_kernels
     from megacrystal.model.crystal import build_model_chunks
     from megacrystal.model.init import init_crystal_weights
 
@@ -86,7 +88,19 @@ def forward_against_reference() -> dict:
         def rel(a, b):
             return float((a - b).abs().max() / b.abs().max())
 
+        # Every kernel switch off: megatron's own attention core, RoPE, MLP, vocabulary layers and loss (the torch
+        # reference paths of kernels/), with the same weights, against the same spec.
+        off = KernelsSection(**{name: "off" for name in KernelsSection.model_fields})
+        (plain,) = build_model_chunks(m, config.parallel, kernels=select_kernels(off, "cpu", {}))
+        plain.load_state_dict(model.state_dict())
+        plain.eval()
+        with torch.no_grad():
+            theirs = plain(tokens, positions, None)
+        layer = plain.decoder.layers[0]
+        classes = sorted({type(layer.self_attention.core_attention).__name__, type(layer.mlp).__name__,
+                          type(plain.embedding.word_embeddings).__name__, type(plain.output_layer).__name__})
         return {"rel": rel(ours, ref), "rel_rotate_half": rel(rotate_half, ref), "rel_no_mup": rel(no_mup, ref),
+                "rel_torch_paths": rel(theirs, ref), "torch_path_classes": classes,
                 "shape": tuple(ours.shape), "rotary_dim": m.rotary_dim, "head_dim": m.head_dim,
                 "denormals": {"kept_before_setup": kept_before, "flushed_after_setup": flushed_after}}
     finally:
@@ -95,7 +109,7 @@ def forward_against_reference() -> dict:
 
 def gradients_against_reference() -> dict:
     """Gradients against autograd through the spec's formulas in float64, in fp32 and bf16: the tied vocabulary
-    weight (embedding + output projection, model/vocab.py), the final norm (through the projection's input
+    weight (embedding + output projection, kernels/vocab.py), the final norm (through the projection's input
     gradient) and a layer's fc2 weight. Three ways: megatron DDP's fp32 main_grad as the engine keeps it
     (distributed/grad_buffer.py: a stale buffer from an earlier step overwritten, then a second micro-batch
     added), and a plain .grad without DDP (the DeepSpeed engine's path)."""
@@ -170,7 +184,7 @@ def core_attention_against_megatron() -> dict:
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megacrystal.model.attention import CrystalCoreAttention
+    from megacrystal.kernels.attention import CrystalCoreAttention
     from megacrystal.model.crystal import transformer_config
 
     config = config_from_dict(SMALL)
@@ -191,6 +205,53 @@ def core_attention_against_megatron() -> dict:
         ours, megatron = results
         return {"shape": tuple(ours[0].shape), "expected": (s, b, heads * dim),
                 "max_diff": max(float((a - r).abs().max() / r.abs().max()) for a, r in zip(ours, megatron))}
+    finally:
+        teardown_parallel()
+
+
+def cuda_choice_on_cpu() -> dict:
+    """The CUDA choice without TE or apex (megatron's local spec, fused bias-SwiGLU, bias-dropout-add, Crystal's
+    attention core with torch's SDPA) built on this CPU: logits against the spec, loss gradients against the CPU
+    choice; and the same with megatron's fused cross entropy forced on in fp32 (what the choice avoids)."""
+    import dataclasses
+
+    from megacrystal.config.schema import KernelsSection
+    from megacrystal.kernels.select import select_kernels
+    from megacrystal.model.crystal import build_model_chunks
+    from megacrystal.model.init import init_crystal_weights
+
+    config = config_from_dict(SMALL)
+    m = config.model
+    setup_parallel(config)
+    try:
+        cuda = select_kernels(KernelsSection(), "cuda", {})
+        fused_ce = dataclasses.replace(cuda, cross_entropy="megatron-fused",
+                                       flags={**cuda.flags, "cross_entropy_loss_fusion": True})
+        gen = torch.Generator().manual_seed(13)
+        tokens = torch.randint(0, m.vocab_size, (2, m.seq_length), generator=gen)
+        labels = torch.randint(0, m.vocab_size, (2, m.seq_length), generator=gen)
+        positions = torch.arange(m.seq_length).expand_as(tokens)
+        grads, logits, names = {}, None, {}
+        for key, kernels in (("cpu", None), ("cuda", cuda), ("cuda_fused_ce", fused_ce)):
+            (model,) = build_model_chunks(m, config.parallel, kernels=kernels)
+            init_crystal_weights([model], m, seed=3)
+            model(tokens, positions, None, labels=labels).sum().backward()
+            grads[key] = {n: p.grad for n, p in model.named_parameters()}
+            layer = model.decoder.layers[0]
+            names[key] = [type(layer.mlp).__name__, model.config.bias_activation_fusion,
+                          model.config.cross_entropy_loss_fusion]
+            if key == "cuda":
+                with torch.no_grad():
+                    logits = model(tokens, positions, None)
+                weights = reference_weights({k: v.detach() for k, v in model.state_dict().items()
+                                             if not k.endswith("_extra_state")}, m.num_layers, m.num_heads)
+                ref = crystal_logits(weights, tokens, **reference_kwargs(m))
+
+        def grad_rel(key):
+            return max(float((grads[key][n] - g).abs().max() / g.abs().max()) for n, g in grads["cpu"].items())
+
+        return {"rel_logits": float((logits - ref).abs().max() / ref.abs().max()), "rel_grads": grad_rel("cuda"),
+                "rel_grads_fused_ce": grad_rel("cuda_fused_ce"), "modules": names}
     finally:
         teardown_parallel()
 
@@ -229,8 +290,9 @@ def crystal_7b_on_meta(config_path: str) -> dict:
 
 def model_checks(config_path: str) -> dict:
     """Everything test_crystal.py asserts on, from one process (megatron-core imports once)."""
-    from megacrystal.model import vocab
+    from megacrystal.kernels import vocab
 
     vocab.VOCAB_BLOCK = 48  # the 128-token vocabulary's logits in three GEMMs, the last one ragged
     return {"forward": forward_against_reference(), "meta7b": crystal_7b_on_meta(config_path),
+            "cuda_choice": cuda_choice_on_cpu(),
             "attention": core_attention_against_megatron(), "grads": gradients_against_reference()}

@@ -24,6 +24,30 @@ def test_logits_match_plain_pytorch_reference(checks):
     assert fwd["rel"] <= 1e-5, fwd
 
 
+def test_torch_reference_paths_match_the_spec_too(checks):
+    # kernels.* all off: megatron's own layers (megatron's RoPE inside its SelfAttention), same weights.
+    fwd = checks["forward"]
+    assert fwd["torch_path_classes"] == ["ColumnParallelLinear", "DotProductAttention", "MLP",
+                                         "VocabParallelEmbedding"]
+    assert fwd["rel_torch_paths"] <= 1e-5, fwd
+
+
+def test_cuda_choice_without_te_or_apex_keeps_crystal_numerics(checks):
+    # Built on this CPU: megatron's fused bias-SwiGLU and bias-dropout-add, torch SDPA with Crystal's rotary.
+    cuda = checks["cuda_choice"]
+    assert cuda["modules"]["cuda"] == ["MLP", True, False] and cuda["modules"]["cpu"] == ["CrystalMLP", False, False]
+    assert cuda["rel_logits"] <= 1e-5, cuda
+    assert cuda["rel_grads"] <= 1e-5, cuda
+
+
+def test_megatron_fused_cross_entropy_still_rounds_fp32_gradients(checks):
+    # Why kernels/select.py keeps megatron's unfused cross entropy in fp32: if this fails, megatron now returns
+    # gradients in the logits' dtype and the fused one can be chosen in fp32 too.
+    cuda = checks["cuda_choice"]
+    assert cuda["modules"]["cuda_fused_ce"][2] is True
+    assert cuda["rel_grads_fused_ce"] > 1e-4, cuda
+
+
 def test_reference_is_sensitive_to_rotary_layout_and_mup(checks):
     # Negative controls: the comparison above would fail for a rotate-half model or a missing multiplier.
     assert checks["forward"]["rel_rotate_half"] > 1e-3
@@ -43,7 +67,7 @@ def test_sdpa_core_attention_equals_megatrons_unfused_attention(checks):
 @pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-5), ("bf16", 3e-2)])
 @pytest.mark.parametrize("path", ["main_grad", "main_grad_accumulated", "grad"])
 def test_gradients_match_reference(checks, precision, path, tolerance):
-    # main_grad: megatron DDP as the engine runs it, where model/vocab.py writes both uses of the tied weight
+    # main_grad: megatron DDP as the engine runs it, where kernels/vocab.py writes both uses of the tied weight
     # straight into the fp32 buffer and each step's first gradient overwrites the last step's
     # (distributed/grad_buffer.py); _accumulated: a second micro-batch added; grad: no DDP (DeepSpeed's path).
     rel = checks["grads"][f"{precision}/{path}"]

@@ -1,15 +1,12 @@
-"""Crystal's core attention: causal softmax(q k^T / head_dim) v without megatron's unfused score tensor.
+"""Crystal's causal attention core on a CPU: softmax(q k^T / head_dim) v without megatron's [b, heads, s, s] scores.
 
-megatron's local DotProductAttention materialises the [b, heads, s, s] scores (baddbmm, a causal masked_fill,
-an fp32 softmax with casts there and back, bmm). Here, by case (measured on 2 CPU cores at the small shape,
-b 4, 8 heads, s 512, head 64, forward + backward per layer):
-- fp32 on a CPU: blockwise batched GEMMs that keep the probabilities (below), 19-25 ms against 38-41 ms for
-  PyTorch's CPU flash kernel and 64 ms for megatron's (2 threads; 1 thread: 56 against 72 ms);
-- under train.compile on a CPU: the flash forward and a compiled blockwise backward behind an opaque custom op
-  (below), so the compiled layer stays one graph: 23 ms against 29 ms for the flash kernel in bf16;
-- otherwise (bf16 eager, a GPU) PyTorch's fused scaled_dot_product_attention (the flash kernel on a GPU).
-The constructor (heads per TP partition, Crystal's 1/head_dim scale) is megatron's; anything but Crystal's
-case (an explicit mask, dropout, ...) goes to megatron's own forward.
+megatron's local DotProductAttention materialises every score with casts there and back; here the CPU gets the
+kernel that measured fastest per case (docs/benchmarks/README.md, "measurements behind kernel choices"): fp32
+eager keeps blockwise probabilities for a GEMM-only backward, train.compile runs the flash forward with a compiled
+blockwise backward behind one opaque op, and anything else (bf16 eager, a GPU) PyTorch's fused
+scaled_dot_product_attention. The constructor (heads per TP partition, Crystal's 1/head_dim scale) is megatron's;
+anything but Crystal's case (an explicit mask, dropout, ...) goes to megatron's own forward.
+`reference_causal_attention` is the plain torch path the tests compare against.
 """
 from __future__ import annotations
 
@@ -23,7 +20,7 @@ from .rotary import RotaryEmbedding
 
 class CrystalCoreAttention(DotProductAttention):
     """Causal attention over [s, b, heads, head_dim] query/key/value; returns [s, b, heads x head_dim]. With
-    `rotary` (model/rotary.py) it also applies the rotary embedding to query and key (megatron's GPTModel is
+    `rotary` (kernels/rotary.py) it also applies the rotary embedding to query and key (megatron's GPTModel is
     then built without one)."""
 
     compiled_backward = False  # set by CrystalGPTModel.compile_layers_and_loss (train.compile)
@@ -37,7 +34,7 @@ class CrystalCoreAttention(DotProductAttention):
         if packed_seq_params is not None and self.rotary is not None:
             raise NotImplementedError("packed sequences: the rotary embedding here counts positions from 0")
         # [b, heads, s, head_dim], contiguous: q/k/v are strided views of the fused QKV projection, and the CPU
-        # kernel runs 3-12% faster (bf16-fp32) per layer on dense inputs than the copies cost
+        # kernels gain more on dense inputs than the copies cost
         if self.rotary is not None:
             q, k = self.rotary.to_heads_first(query), self.rotary.to_heads_first(key)
         else:
@@ -64,14 +61,12 @@ class CrystalCoreAttention(DotProductAttention):
 
 
 # -- CPU: flash forward, compiled blockwise backward (train.compile) ----------------------------------------
-# PyTorch's CPU flash-attention backward runs ~1300 small GEMM calls per layer (per batch x head x 64-query block)
-# and gains nothing from bf16: 22 ms against 3.4 ms for the forward at the small shape. The blockwise backward
-# below does the same math (probabilities recomputed from the saved log-sum-exp, FlashAttention-2's
-# dS = P * (dP - rowsum(dO * O))) as batched GEMMs over all heads, and inductor fuses its elementwise work:
-# measured 23 ms against 29 ms per layer forward + backward in bf16. It is an opaque custom op so that the
-# compiled layers around it stay one graph.
+# PyTorch's CPU flash-attention backward runs one small GEMM per batch x head x query block and gains nothing from
+# bf16; the blockwise backward below does the same math (probabilities recomputed from the saved log-sum-exp,
+# FlashAttention-2's dS = P * (dP - rowsum(dO * O))) as batched GEMMs over all heads that inductor fuses around.
+# It is an opaque custom op so that the compiled layers around it stay one graph.
 
-QUERY_BLOCK = 128  # queries per step: a [b x heads, 128, <= s] fp32 probability block (measured 128-512)
+QUERY_BLOCK = 128  # queries per step: a [b x heads, 128, <= s] fp32 probability block (the best measured)
 
 
 @torch.library.custom_op("megacrystal::causal_attention", mutates_args=())
@@ -134,8 +129,8 @@ def causal_attention_backward(q, k, v, out, log_sum_exp, grad_out, scale, block=
         end = min(start + block, s)
         q_blk, grad_out_blk = q[:, start:end], grad_out[:, start:end]
         keys, values = k[:, :end], v[:, :end]
-        # in the inputs' dtype, as megatron's unfused bf16 attention: 20% faster per layer than an fp32 GEMM
-        # (no CPU bf16 GEMM writes fp32), and the recomputed probabilities move by ~0.1% of a bf16 gradient
+        # in the inputs' dtype, as megatron's unfused bf16 attention: faster than an fp32 GEMM (no CPU bf16 GEMM
+        # writes fp32), and the recomputed probabilities move by ~0.1% of a bf16 gradient
         scores = torch.bmm(q_blk, keys.transpose(1, 2)).float() * scale
         causal = torch.arange(start, end, device=q.device)[:, None] >= torch.arange(end, device=q.device)
         probs = torch.where(causal, torch.exp(scores - log_sum_exp[:, start:end]), 0.0)
@@ -153,12 +148,11 @@ _compiled_backward = torch.compile(causal_attention_backward, dynamic=False)  # 
 
 
 # -- CPU, fp32, eager: blockwise GEMMs keeping the probabilities ---------------------------------------------
-# In fp32 the CPU flash kernel runs at ~30% of the GEMM rate (small shape, per layer: forward 10.9 ms, backward
-# 27 ms). Here a block of queries at a time against the keys up to the block's end: scores by one batched GEMM,
-# the causal triangle masked on the diagonal block only, softmax in place, and the probabilities kept for
-# backward, which is then four batched GEMMs and one softmax-backward kernel per block, no exp recomputed
-# (measured 7.5 + 18 ms). The cost is the probabilities' memory, about b x heads x s^2 / 2 fp32 values per layer
-# (megatron's own attention keeps all s^2): used up to PROBABILITY_BUDGET bytes per layer, else the flash kernel.
+# In fp32 the CPU flash kernel runs far below the GEMM rate. Here a block of queries at a time against the keys up
+# to the block's end: scores by one batched GEMM, the causal triangle masked on the diagonal block only, softmax in
+# place, and the probabilities kept for backward, which is then four batched GEMMs and one softmax-backward kernel
+# per block, no exp recomputed. The cost is the probabilities' memory, about b x heads x s^2 / 2 fp32 values per
+# layer (megatron's own attention keeps all s^2): used up to PROBABILITY_BUDGET bytes per layer, else the flash kernel.
 
 PROBABILITY_BUDGET = 2**28  # bytes per layer (256 MiB: the small shape keeps 21 MiB)
 
@@ -182,18 +176,16 @@ def _probability_blocks(probs: torch.Tensor, batch_heads: int, s: int):
 
 def keeps_probabilities(q: torch.Tensor) -> bool:
     """Whether causal_attention_keeping_probabilities serves these [b, heads, s, d] queries: fp32 on a CPU and the
-    kept probabilities within the budget. Measured at the small shape with 1 thread per rank, per layer forward +
-    backward: 56 against 72 ms for the flash kernel in one process, 57-62 against 72 ms with two processes running
-    at once (a DP=2 step 2-6% faster in three paired runs). The choice depends on shapes only, never on how many
-    ranks share a host, so a run's losses do not depend on its ranks' placement."""
+    kept probabilities within the budget. The choice depends on shapes only, never on how many ranks share a host,
+    so a run's losses do not depend on its ranks' placement."""
     b, h, s, _ = q.shape
     return (q.dtype == torch.float32 and q.device.type == "cpu"
             and _kept_values(b * h, s) * q.element_size() <= PROBABILITY_BUDGET)
 
 
 class _AttentionKeepingProbabilities(torch.autograd.Function):
-    # Measured choices: GEMM outputs are fresh tensors (bmm into a strided view runs ~1.6x slower), then copied
-    # or added; transposed operands are made row-major once; the mask is an added -inf triangle.
+    # Measured choices: GEMM outputs are fresh tensors (bmm into a strided view is slower), then copied or added;
+    # transposed operands are made row-major once; the mask is an added -inf triangle.
     @staticmethod
     def forward(ctx, q, k, v, scale):
         b, h, s, d = q.shape
@@ -234,3 +226,12 @@ class _AttentionKeepingProbabilities(torch.autograd.Function):
 def causal_attention_keeping_probabilities(q, k, v, scale):
     """Causal softmax(q k^T * scale) v of fp32 [b, heads, s, d] CPU tensors (see above); [b, heads, s, d]."""
     return _AttentionKeepingProbabilities.apply(q, k, v, scale)
+
+
+def reference_causal_attention(q, k, v, scale):
+    """The torch reference: causal softmax(q k^T * scale) v of [b, heads, s, d] tensors, scores materialised."""
+    s = q.shape[-2]
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril_()
+    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+    return torch.matmul(probs.to(v.dtype), v)

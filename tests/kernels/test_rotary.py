@@ -3,9 +3,9 @@ rotated [b, heads, s, d] layout and the gradient, both layouts, fp32 and bf16, f
 import pytest
 import torch
 
-from megacrystal.model.rotary import RotaryEmbedding
+from megacrystal.kernels.rotary import RotaryEmbedding
 
-from .reference import rope
+from tests.model.reference import rope
 
 
 @pytest.mark.parametrize("interleaved", [True, False], ids=["gpt-j", "rotate-half"])

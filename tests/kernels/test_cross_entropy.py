@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megacrystal.model import cross_entropy
+from megacrystal.kernels import cross_entropy
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])

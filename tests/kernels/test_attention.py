@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megacrystal.model import attention
+from megacrystal.kernels import attention
 
 
 def _relative_error(ours, reference):

@@ -1,4 +1,5 @@
-"""LayerNorm with bias that also works under sequence parallelism."""
+"""LayerNorm with bias that also works under sequence parallelism: the torch norm of the local spec (apex's
+FusedLayerNorm and TE's fused norms are the alternatives kernels/spec.py takes on CUDA)."""
 from __future__ import annotations
 
 import torch

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megacrystal.model.mlp import swiglu
+from megacrystal.kernels.swiglu import swiglu
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
