@@ -5,8 +5,9 @@ import argparse
 import os
 import sys
 
-from .config import Config, ConfigError, load_config
 from .checkpoint.errors import CheckpointError
+from .cli_types import positive_int
+from .config import Config, ConfigError, load_config
 from .data.errors import DataError
 from .host_memory import keep_freed_memory
 from .quiet import quiet_expected_warnings
@@ -34,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="print the parameter count and the parallel layout")
     add_config_args(info)
-    info.add_argument("--world-size", type=int, default=None,
+    info.add_argument("--world-size", type=positive_int, default=None,
                       help="processes to lay out (default: $WORLD_SIZE, else tp x pp)")
     train = commands.add_parser("train", help="train (one process, or each rank under torchrun)")
     add_config_args(train)
@@ -75,6 +76,40 @@ def _info(config: Config, world_size: int | None) -> None:
     print(plan_for(config).report())
 
 
+def _train(config: Config, args: argparse.Namespace) -> int:
+    from .train.loop import train
+    from .train.signals import EXIT_PREEMPTED, Preempted, note_early_stops
+
+    note_early_stops(config.checkpoint.stop_signals)
+    try:
+        train(config, resume=args.resume)
+    except Preempted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"megacrystal: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except RuntimeError as err:  # a collective failed: another rank (or its node) died
+        if args.debug or not _peer_lost(err):
+            raise
+        print(f"megacrystal: error: rank {os.environ.get('RANK', '0')} lost a peer rank "
+              f"({' '.join(str(err).split())[:200]}): another rank or its node died, see its log; "
+              f"{_latest_checkpoint(config)}; relaunch to resume from it", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _peer_lost(err: BaseException) -> bool:
+    from .launch.torchrun import PEER_TROUBLE
+
+    return any(s in str(err).lower() for s in PEER_TROUBLE)
+
+
+def _latest_checkpoint(config: Config) -> str:
+    from .checkpoint import CheckpointStore
+
+    latest = CheckpointStore(config.checkpoint_dir(), recover=False).latest()
+    return f"the latest good checkpoint is {latest}" if latest else "there is no checkpoint yet"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     keep_freed_memory()
@@ -97,15 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "info":
             _info(config, args.world_size)
         elif args.command == "train":
-            from .train.loop import train
-            from .train.signals import EXIT_PREEMPTED, Preempted
-
-            try:
-                train(config, resume=args.resume)
-            except Preempted as stop:
-                if int(os.environ.get("RANK", "0")) == 0:
-                    print(f"megacrystal: {stop}", file=sys.stderr)
-                return EXIT_PREEMPTED
+            return _train(config, args)
         return 0
     except (ConfigError, DataError, CheckpointError) as err:
         if args.debug:

@@ -5,6 +5,8 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from ..cli_types import fraction, nonnegative_int, positive_float, positive_int
+
 
 def register(subparsers) -> None:
     from ..cli import add_config_args
@@ -12,9 +14,9 @@ def register(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="sweep parallel layouts and report tokens/s, TFLOP/s, MFU, scaling")
     add_config_args(bench)
     bench.add_argument("--sweep", help="measure these points, e.g. 'dp=1,2;tp=1,2;pp=1,2;mbs=1,4'")
-    bench.add_argument("--steps", type=int, default=20, help="steps per point (default 20)")
-    bench.add_argument("--warmup", type=int, default=5, help="first steps not timed (default 5)")
-    bench.add_argument("--repeat", type=int, default=1, metavar="N",
+    bench.add_argument("--steps", type=positive_int, default=20, help="steps per point (default 20)")
+    bench.add_argument("--warmup", type=nonnegative_int, default=5, help="first steps not timed (default 5)")
+    bench.add_argument("--repeat", type=positive_int, default=1, metavar="N",
                        help="run the sweep N times, every point once per round, and pool each point's timed steps; "
                             "a host whose speed drifts then moves all points alike (default 1)")
     bench.add_argument("--host-ceiling", action="store_true",
@@ -30,21 +32,21 @@ def register(subparsers) -> None:
                        help="skip the plain-PyTorch eager baseline measured beside the 1-process points")
     predict = bench.add_argument_group("prediction (--predict): the analytical step-time model for a cluster")
     predict.add_argument("--predict", action="store_true", help="print the predicted step time instead of measuring")
-    predict.add_argument("--nodes", type=int, default=1)
-    predict.add_argument("--devices-per-node", type=int, default=8)
+    predict.add_argument("--nodes", type=positive_int, default=1)
+    predict.add_argument("--devices-per-node", type=positive_int, default=8)
     predict.add_argument("--device", default="H100 SXM", help="a name from the dense-peak table")
-    predict.add_argument("--inter-node-gbps", type=float, default=400.0, help="network per node, Gb/s")
-    predict.add_argument("--intra-node-gbps", type=float, default=3600.0, help="per device inside a node, Gb/s")
-    predict.add_argument("--efficiency", type=float, default=0.5, help="sustained fraction of peak in matmuls")
+    predict.add_argument("--inter-node-gbps", type=positive_float, default=400.0, help="network per node, Gb/s")
+    predict.add_argument("--intra-node-gbps", type=positive_float, default=3600.0, help="per device inside a node, Gb/s")
+    predict.add_argument("--efficiency", type=fraction, default=0.5, help="sustained fraction of peak in matmuls")
     link = bench.add_argument_group("link (--link-rates): the model against two namespace hosts, needs root")
     link.add_argument("--link-rates", metavar="MBITS", help="throttle a veth between two network namespaces to "
                       "these rates (tc tbf, Mbit/s each way, e.g. 20,50,200) and compare DP=2 step times with "
                       "the model; writes network.json and a report section to --out")
     slurm = bench.add_argument_group("SLURM (--slurm): every point one job, as `megacrystal launch slurm` renders it")
     slurm.add_argument("--slurm", action="store_true", help="run the points as SLURM jobs (the sweep may have nodes)")
-    slurm.add_argument("--gpus-per-node", type=int, help="trainer processes per node; 0 for CPU nodes "
+    slurm.add_argument("--gpus-per-node", type=nonnegative_int, help="trainer processes per node; 0 for CPU nodes "
                        "(then --cpus-per-node); MFU on GPUs uses --device")
-    slurm.add_argument("--cpus-per-node", type=int, help="CPUs per node; with --gpus-per-node 0 also the processes")
+    slurm.add_argument("--cpus-per-node", type=positive_int, help="CPUs per node; with --gpus-per-node 0 also the processes")
     slurm.add_argument("--partition", help="SLURM partition")
     slurm.add_argument("--account", help="account to charge")
     slurm.add_argument("--time", help="time limit per job, e.g. 30 (minutes)")
