@@ -39,12 +39,14 @@ def shielded(names=STOP_SIGNALS):
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    signums = {signal.Signals[n] for n in names}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
     # multiprocessing starts its resource tracker on the first spawn and unblocks SIGINT/SIGTERM after that: start
-    # it now, or the first save's helpers would not inherit the mask.
+    # it here, then block again, so the helpers of the first save inherit the mask too.
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.Signals[n] for n in names})
+    signal.pthread_sigmask(signal.SIG_BLOCK, signums)
     try:
         yield
     finally:
@@ -69,7 +71,8 @@ class StopWatch:
     """Records stop signals and checks the time budget; `should_stop()` is a collective over all ranks."""
 
     def __init__(self, signal_names: list[str], time_limit_s: float | None, device: torch.device):
-        self.reason: str | None = _early_reason
+        global _early_reason
+        self.reason, _early_reason = _early_reason, None  # a stop signalled before training started
         self.deadline = time.monotonic() + time_limit_s if time_limit_s else None
         self.device = device
         self._previous = {}
