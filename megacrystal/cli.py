@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
 def _info(config: Config, world_size: int | None) -> None:
     from .model.size import flops_per_token, matmul_parameters, parameter_count
 
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank would print the same tables
+        return
+
     m, p, t = config.model, config.parallel, config.train
     world = world_size or int(os.environ.get("WORLD_SIZE", 0)) or p.tp * p.pp
     dp = config.data_parallel_size(world)
@@ -71,9 +74,13 @@ def _info(config: Config, world_size: int | None) -> None:
     print(f"per stage    {m.num_layers // stages} layers per {'virtual ' if p.vpp else ''}stage")
     print(f"batch        {t.global_batch_size} x {m.seq_length} = {t.global_batch_size * m.seq_length:,} tokens/step; "
           f"{t.global_batch_size // (t.micro_batch_size * dp)} micro-batches of {t.micro_batch_size} per rank")
+    from .schedule.checks import plan_warnings
     from .schedule.from_config import plan_for
 
-    print(plan_for(config).report())
+    plan = plan_for(config)
+    print(plan.report())
+    for line in plan_warnings(config, plan):
+        print(f"megacrystal: warning: {line}", file=sys.stderr)
 
 
 def _train(config: Config, args: argparse.Namespace) -> int:
@@ -81,6 +88,7 @@ def _train(config: Config, args: argparse.Namespace) -> int:
     from .train.signals import EXIT_PREEMPTED, Preempted, note_early_stops
 
     note_early_stops(config.checkpoint.stop_signals)
+    _start_notes(config, args.overrides, args.resume)
     try:
         train(config, resume=args.resume)
     except Preempted as stop:
@@ -95,6 +103,43 @@ def _train(config: Config, args: argparse.Namespace) -> int:
               f"{_latest_checkpoint(config)}; relaunch to resume from it", file=sys.stderr)
         return 1
     return 0
+
+
+def _start_notes(config: Config, overrides: list[str], resume: str | None) -> None:
+    """Warnings about the plan, and where each phase override takes effect (rank 0, before any work)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    from .schedule.checks import override_notes, plan_warnings
+    from .schedule.from_config import plan_for
+
+    plan = plan_for(config)
+    for line in plan_warnings(config, plan):
+        print(f"megacrystal: warning: {line}", file=sys.stderr)
+    for line in override_notes(overrides, plan, _resume_step(config, resume) if resume else None):
+        if line.startswith("warning: "):
+            print(f"megacrystal: {line}", file=sys.stderr)
+        else:
+            print(line)
+    sys.stdout.flush()
+
+
+def _resume_step(config: Config, resume: str) -> int | None:
+    """The step `--resume` will start from, read without verifying (train() resolves it for real)."""
+    import json
+    from pathlib import Path
+
+    from .checkpoint import CheckpointStore
+
+    if resume == "none":
+        return None
+    try:
+        path = Path(config.checkpoint_dir()) if resume == "auto" else Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            path = CheckpointStore(path, recover=False).latest()
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, TypeError, ValueError):
+        return None
+    return None if state.get("weights_only") else int(state["step"])
 
 
 def _peer_lost(err: BaseException) -> bool:

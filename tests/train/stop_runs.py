@@ -89,7 +89,7 @@ def stop_loop(root: str, stops: int, seed: int) -> dict:
     events, problems = [], []
     for i in range(stops):
         start = _steps_logged(run)
-        during_save = i % 3 == 2
+        during_save = i % 3 == 1
         at = None if during_save else start + rng.randint(0, 2)
         target = rng.choice(["all", *range(world)])
         name = SIGNALS[i % len(SIGNALS)]

@@ -128,19 +128,22 @@ def test_time_budget_saves_and_exits_75_before_it_runs_out(config, tmp_path):
 
 # -- stop signals in a loop: every stop ends with a verified checkpoint of the last finished step ----------------
 # CI runs STOP_LOOPS stops per world size; the full check is MEGACRYSTAL_STOP_LOOPS=20 (docs/operator-inputs.md).
-STOP_LOOPS = int(os.environ.get("MEGACRYSTAL_STOP_LOOPS", "3"))
+STOP_LOOPS = os.environ.get("MEGACRYSTAL_STOP_LOOPS")
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_stop_signals_at_random_steps_lose_nothing(world_size, tmp_path):
+@pytest.mark.parametrize("world_size, stops", [(2, 3), (4, 2)])
+def test_stop_signals_at_random_steps_lose_nothing(world_size, stops, tmp_path):
     from tests.helpers import run_on_ranks
 
     from .stop_runs import stop_loop
 
-    result = run_on_ranks(stop_loop, world_size, str(tmp_path), STOP_LOOPS, 1000 + world_size, timeout=300)[0]
+    stops = int(STOP_LOOPS or stops)
+    result = run_on_ranks(stop_loop, world_size, str(tmp_path), stops, 1000 + world_size,
+                          timeout=120 + 60 * stops)[0]
+    print(json.dumps(result["events"]))  # with -s: what each stop did
     assert not result["problems"], result
-    assert len(result["events"]) == STOP_LOOPS
-    assert any(e["during_save"] for e in result["events"]) or STOP_LOOPS < 3
+    assert len(result["events"]) == stops
+    assert any(e["during_save"] for e in result["events"])
     # Resumed after every stop from the step it stopped at, and to the end: the uninterrupted run, bit for bit.
     stopped, reference = result["losses"]["stopped"], result["losses"]["reference"]
     assert [s for s, _ in stopped] == list(range(1, result["steps"] + 1))
