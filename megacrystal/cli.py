@@ -30,8 +30,18 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line like every other bad input (the usage is one --help away).
+
+    Subparsers inherit the class (argparse's add_subparsers defaults parser_class to the parent's type).
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megacrystal", description=__doc__)
+    parser = _Parser(prog="megacrystal", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="print the parameter count and the parallel layout")
     add_config_args(info)
