@@ -90,6 +90,7 @@ class Checkpointer:
         metadata = {**self.identity, "tokens": state["tokens"], "phase": state["phase"],
                     "config_sha256": state["config_sha256"]}
         outcome = [None, None]
+        self._where_sent = False
         if self.layout.is_main:
             try:
                 with self.store.saving(step, metadata, phase_end=phase_end) as tmp:
@@ -100,6 +101,8 @@ class Checkpointer:
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as err:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+                if not self._where_sent:  # failed before the others were told where to write: tell them not to
+                    dist.broadcast_object_list([None], src=0)
                 message = str(err) if isinstance(err, CheckpointError) else \
                     f"checkpoint save of step {step} failed: {type(err).__name__}: {err}"
                 outcome = [None, self._with_latest(" ".join(message.split()))]
@@ -121,11 +124,15 @@ class Checkpointer:
         if "intact" in message or "previous checkpoint" in message:
             return message
         latest = self.store.latest()
-        return message + (f"; the latest good checkpoint is {latest}" if latest else "; there is no earlier checkpoint")
+        return message + (f"; the latest good checkpoint is {latest}" if latest else
+                          "; there is no earlier checkpoint")
 
     def _write_shards(self, tmp: Path | None, state: dict) -> None:
         where = [str(tmp) if tmp else None]
         dist.broadcast_object_list(where, src=0)
+        self._where_sent = True
+        if where[0] is None:  # rank 0 could not open the save; its outcome says why
+            return
         tmp = Path(where[0])
         failed = None
         try:
