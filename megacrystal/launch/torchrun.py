@@ -147,7 +147,8 @@ def _failure_line(err) -> str:
     message = " ".join(str(message or "").split())
     if not message or message.startswith("To enable traceback"):
         if failure.exitcode == 2:  # megacrystal's own error exit: the one `megacrystal: error:` line above
-            return f"error: training failed on this node: rank {rank} {what} (its `megacrystal: error:` line is above)"
+            return (f"error: training failed on this node: rank {rank} {what} "
+                    "(its `megacrystal: error:` line is above)")
         return f"error: training failed on this node: rank {rank} {what} (its traceback is above)"
     line = f"error: training failed on this node: rank {rank} {what}: {message[:400]}"
     if any(s in message.lower() for s in PEER_TROUBLE):
