@@ -48,6 +48,7 @@ def override_notes(overrides: list[str], plan: RunPlan, resume_step: int | None)
             out.append(f"--set {key} takes effect when phase {name} starts, at step {b.start_step}"
                        f"{' (the run resumes at step %d)' % start if resume_step else ''}")
         else:
+            ran = start - b.start_step
             out.append(f"--set {key} takes effect in phase {name} from step {start}"
-                       f"{' (resumed mid-phase; its first ' + str(start - b.start_step) + ' steps ran without it)' if start > b.start_step else ''}")
+                       + (f" (resumed mid-phase; its first {ran} steps ran without it)" if ran else ""))
     return out

@@ -286,7 +286,8 @@ def test_cerebras_phase_chain_of_the_3_phase_7b(tmp_path, crystal_7b, layout):
         p = yaml.safe_load((tmp_path / phase.name / "params.yaml").read_text())
         if layout == "1.9":
             r = p["runconfig"]
-            ckpt, pretrained, lr = r.get("checkpoint_path"), r["is_pretrained_checkpoint"], p["optimizer"]["learning_rate"]
+            ckpt, pretrained = r.get("checkpoint_path"), r["is_pretrained_checkpoint"]
+            lr = p["optimizer"]["learning_rate"]
             steps = [s.get("steps", s.get("decay_steps")) for s in lr]
         else:
             r = p["trainer"]["init"]["loop"]
@@ -296,8 +297,10 @@ def test_cerebras_phase_chain_of_the_3_phase_7b(tmp_path, crystal_7b, layout):
         chain.append((ckpt, pretrained, r["num_steps"], r["max_steps"], steps))
     assert [c[2] for c in chain] == list(plan.steps) == MAX_STEPS  # each phase's own steps
     assert chain[0][0] is None and chain[0][3] == MAX_STEPS[0]
-    for (_, _, _, prev_max, _), (ckpt, pretrained, num, max_steps, steps), phase in zip(chain, chain[1:], plan.phases[1:]):
-        assert ckpt == f"model_dir/{plan.phases[plan.phases.index(phase) - 1].name}/checkpoint_{prev_max}.mdl"
+    for i in range(1, len(chain)):
+        prev_max, (ckpt, pretrained, num, max_steps, steps), phase = chain[i - 1][3], chain[i], plan.phases[i]
+        assert ckpt == f"model_dir/{plan.phases[i - 1].name}/checkpoint_{prev_max}.mdl"
+        assert pretrained is phase.weights_only_start
         start = 0 if phase.weights_only_start else prev_max
         assert max_steps == start + num
         if start:  # the restored LR scheduler step: a constant piece over the steps before this phase
