@@ -144,7 +144,8 @@ def test_sigterm_to_the_launcher_ends_in_a_checkpoint_of_the_last_step_and_exit_
 
 
 # -- stop signals in a loop: every stop ends with a verified checkpoint of the last finished step ----------------
-# CI runs STOP_LOOPS stops per world size; the full check is MEGACRYSTAL_STOP_LOOPS=20 (docs/operator-inputs.md).
+# CI runs two stops per world size (one during a save); the full check is MEGACRYSTAL_STOP_LOOPS=20 (20 per
+# world size, docs/operator-inputs.md).
 STOP_LOOPS = os.environ.get("MEGACRYSTAL_STOP_LOOPS")
 
 
