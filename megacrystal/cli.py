@@ -5,8 +5,9 @@ import argparse
 import os
 import sys
 
-from .config import Config, ConfigError, load_config
 from .checkpoint.errors import CheckpointError
+from .cli_types import positive_int
+from .config import Config, ConfigError, load_config
 from .data.errors import DataError
 from .host_memory import keep_freed_memory
 from .quiet import quiet_expected_warnings
@@ -30,12 +31,22 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line like every other bad input (the usage is one --help away).
+
+    Subparsers inherit the class (argparse's add_subparsers defaults parser_class to the parent's type).
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megacrystal", description=__doc__)
+    parser = _Parser(prog="megacrystal", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="print the parameter count and the parallel layout")
     add_config_args(info)
-    info.add_argument("--world-size", type=int, default=None,
+    info.add_argument("--world-size", type=positive_int, default=None,
                       help="processes to lay out (default: $WORLD_SIZE, else tp x pp)")
     train = commands.add_parser("train", help="train (one process, or each rank under torchrun)")
     add_config_args(train)
@@ -62,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
 def _info(config: Config, world_size: int | None) -> None:
     from .model.size import flops_per_token, matmul_parameters, parameter_count
 
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank would print the same tables
+        return
+
     m, p, t = config.model, config.parallel, config.train
     world = world_size or int(os.environ.get("WORLD_SIZE", 0)) or p.tp * p.pp
     dp = config.data_parallel_size(world)
@@ -76,9 +90,85 @@ def _info(config: Config, world_size: int | None) -> None:
     print(f"per stage    {m.num_layers // stages} layers per {'virtual ' if p.vpp else ''}stage")
     print(f"batch        {t.global_batch_size} x {m.seq_length} = {t.global_batch_size * m.seq_length:,} tokens/step; "
           f"{t.global_batch_size // (t.micro_batch_size * dp)} micro-batches of {t.micro_batch_size} per rank")
+    from .schedule.checks import plan_warnings
     from .schedule.from_config import plan_for
 
-    print(plan_for(config).report())
+    plan = plan_for(config)
+    print(plan.report())
+    for line in plan_warnings(config, plan):
+        print(f"megacrystal: warning: {line}", file=sys.stderr)
+
+
+def _train(config: Config, args: argparse.Namespace) -> int:
+    from .train.loop import train
+    from .train.signals import EXIT_PREEMPTED, Preempted, note_early_stops
+
+    note_early_stops(config.checkpoint.stop_signals)
+    _start_notes(config, args.overrides, args.resume)
+    try:
+        train(config, resume=args.resume)
+    except Preempted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"megacrystal: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except RuntimeError as err:  # a collective failed: another rank (or its node) died
+        if args.debug or not _peer_lost(err):
+            raise
+        print(f"megacrystal: error: rank {os.environ.get('RANK', '0')} lost a peer rank "
+              f"({' '.join(str(err).split())[:200]}): another rank or its node died, see its log; "
+              f"{_latest_checkpoint(config)}; relaunch to resume from it", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _start_notes(config: Config, overrides: list[str], resume: str | None) -> None:
+    """Warnings about the plan, and where each phase override takes effect (rank 0, before any work)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    from .schedule.checks import override_notes, plan_warnings
+    from .schedule.from_config import plan_for
+
+    plan = plan_for(config)
+    for line in plan_warnings(config, plan):
+        print(f"megacrystal: warning: {line}", file=sys.stderr)
+    for line in override_notes(overrides, plan, _resume_step(config, resume) if resume else None):
+        if line.startswith("warning: "):
+            print(f"megacrystal: {line}", file=sys.stderr)
+        else:
+            print(line)
+    sys.stdout.flush()
+
+
+def _resume_step(config: Config, resume: str) -> int | None:
+    """The step `--resume` will start from, read without verifying (train() resolves it for real)."""
+    import json
+    from pathlib import Path
+
+    from .checkpoint import CheckpointStore
+
+    if resume == "none":
+        return None
+    try:
+        path = Path(config.checkpoint_dir()) if resume == "auto" else Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            path = CheckpointStore(path, recover=False).latest()
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, TypeError, ValueError):
+        return None
+    return None if state.get("weights_only") else int(state["step"])
+
+
+def _peer_lost(err: BaseException) -> bool:
+    from .launch.torchrun import PEER_TROUBLE
+
+    return any(s in str(err).lower() for s in PEER_TROUBLE)
+
+
+def _latest_checkpoint(config: Config) -> str:
+    from .checkpoint import CheckpointStore
+
+    latest = CheckpointStore(config.checkpoint_dir(), recover=False).latest()
+    return f"the latest good checkpoint is {latest}" if latest else "there is no checkpoint yet"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,15 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "info":
             _info(config, args.world_size)
         elif args.command == "train":
-            from .train.loop import train
-            from .train.signals import EXIT_PREEMPTED, Preempted
-
-            try:
-                train(config, resume=args.resume)
-            except Preempted as stop:
-                if int(os.environ.get("RANK", "0")) == 0:
-                    print(f"megacrystal: {stop}", file=sys.stderr)
-                return EXIT_PREEMPTED
+            return _train(config, args)
         return 0
     except (ConfigError, DataError, CheckpointError) as err:
         if args.debug:

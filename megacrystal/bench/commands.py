@@ -6,6 +6,8 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from ..cli_types import fraction, nonnegative_int, positive_float, positive_int
+
 
 def register(subparsers) -> None:
     from ..cli import add_config_args
@@ -13,9 +15,9 @@ def register(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="sweep parallel layouts and report tokens/s, TFLOP/s, MFU, scaling")
     add_config_args(bench)
     bench.add_argument("--sweep", help="measure these points, e.g. 'dp=1,2;tp=1,2;pp=1,2;mbs=1,4'")
-    bench.add_argument("--steps", type=int, default=20, help="steps per point (default 20)")
-    bench.add_argument("--warmup", type=int, default=5, help="first steps not timed (default 5)")
-    bench.add_argument("--repeat", type=int, default=1, metavar="N",
+    bench.add_argument("--steps", type=positive_int, default=20, help="steps per point (default 20)")
+    bench.add_argument("--warmup", type=nonnegative_int, default=5, help="first steps not timed (default 5)")
+    bench.add_argument("--repeat", type=positive_int, default=1, metavar="N",
                        help="run the sweep N times, every point once per round, and pool each point's timed steps; "
                             "a host whose speed drifts then moves all points alike (default 1)")
     bench.add_argument("--host-ceiling", action="store_true",
@@ -42,35 +44,35 @@ def register(subparsers) -> None:
                             "write them to --calibration")
     model.add_argument("--calibration", metavar="FILE",
                        help="constants file: written by --calibrate, read by --predict and --plan")
-    model.add_argument("--nodes", default="1", help="nodes (default 1)")
-    model.add_argument("--devices-per-node", default="8", help="GPUs per node (default 8)")
+    model.add_argument("--nodes", type=positive_int, default=1, help="nodes (default 1)")
+    model.add_argument("--devices-per-node", type=positive_int, default=8, help="GPUs per node (default 8)")
     model.add_argument("--device", default="H100 SXM", help="a name from the dense-peak table (default H100 SXM)")
-    model.add_argument("--intra-node-gbps-per-gpu", metavar="GBPS",
+    model.add_argument("--intra-node-gbps-per-gpu", metavar="GBPS", type=positive_float,
                        help="NVLink bandwidth of one GPU to the others of its node, each direction, Gb/s (default: "
                             "the device's, e.g. 3600 for H100 SXM)")
     network = model.add_mutually_exclusive_group()
-    network.add_argument("--inter-node-gbps-per-gpu", metavar="GBPS",
+    network.add_argument("--inter-node-gbps-per-gpu", metavar="GBPS", type=positive_float,
                          help="network bandwidth per GPU between nodes, Gb/s (default: the device's usual NIC, "
                               "400 for H100: one NDR NIC per GPU)")
-    network.add_argument("--inter-node-gbps-per-node", metavar="GBPS",
+    network.add_argument("--inter-node-gbps-per-node", metavar="GBPS", type=positive_float,
                          help="network bandwidth of a whole node, Gb/s, shared by its GPUs (e.g. 3200 for 8 x 400)")
-    network.add_argument("--inter-node-gbps", metavar="GBPS", help=argparse.SUPPRESS)  # deprecated: per node
-    model.add_argument("--intra-node-gbps", metavar="GBPS", help=argparse.SUPPRESS)  # deprecated: per GPU
-    model.add_argument("--efficiency", metavar="FRACTION",
+    network.add_argument("--inter-node-gbps", metavar="GBPS", type=positive_float, help=argparse.SUPPRESS)  # deprecated: per node
+    model.add_argument("--intra-node-gbps", metavar="GBPS", type=positive_float, help=argparse.SUPPRESS)  # deprecated: per GPU
+    model.add_argument("--efficiency", metavar="FRACTION", type=fraction,
                        help="sustained fraction of peak of large GEMMs (overrides the constants' gemm_max)")
     model.add_argument("--recompute", default="none",
                        help="activation recomputation the plan may use: none, selective, full, comma-separated "
                             "(default none: megacrystal's config has no recomputation setting yet)")
-    model.add_argument("--top", default="5", help="layouts --plan prints (default 5)")
+    model.add_argument("--top", type=positive_int, default=5, help="layouts --plan prints (default 5)")
     link = bench.add_argument_group("link (--link-rates): the model against two namespace hosts, needs root")
     link.add_argument("--link-rates", metavar="MBITS", help="throttle a veth between two network namespaces to "
                       "these rates (tc tbf, Mbit/s each way, e.g. 20,50,200) and compare DP=2 step times with "
                       "the model; writes network.json and a report section to --out")
     slurm = bench.add_argument_group("SLURM (--slurm): every point one job, as `megacrystal launch slurm` renders it")
     slurm.add_argument("--slurm", action="store_true", help="run the points as SLURM jobs (the sweep may have nodes)")
-    slurm.add_argument("--gpus-per-node", type=int, help="trainer processes per node; 0 for CPU nodes "
+    slurm.add_argument("--gpus-per-node", type=nonnegative_int, help="trainer processes per node; 0 for CPU nodes "
                        "(then --cpus-per-node); MFU on GPUs uses --device")
-    slurm.add_argument("--cpus-per-node", type=int, help="CPUs per node; with --gpus-per-node 0 also the processes")
+    slurm.add_argument("--cpus-per-node", type=positive_int, help="CPUs per node; with --gpus-per-node 0 also the processes")
     slurm.add_argument("--partition", help="SLURM partition")
     slurm.add_argument("--account", help="account to charge")
     slurm.add_argument("--time", help="time limit per job, e.g. 30 (minutes)")

@@ -1,7 +1,6 @@
 """`megacrystal bench --predict | --plan | --calibrate`: the throughput model (bench/perf/) on the command line."""
 from __future__ import annotations
 
-import math
 import os
 import sys
 import tempfile
@@ -11,17 +10,9 @@ from ..config import Config, ConfigError
 
 
 def _number(args, flag: str, kind=float, default=None):
-    """A flag's value as a positive number, or a one-line error naming the flag."""
-    text = getattr(args, flag.lstrip("-").replace("-", "_"))
-    if text is None:
-        return default
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{flag} {text!r}: give a positive {'whole ' if kind is int else ''}number")
-    return value
+    """A flag's value (argparse's cli_types have already refused 0, negatives and non-numbers), or `default`."""
+    value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    return default if value is None else kind(value)
 
 
 def cluster_of(args, precision: str):

@@ -18,6 +18,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from ..cli_types import positive_float, positive_int
+
 import numpy as np
 
 from ..data.errors import DataError
@@ -220,10 +222,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("bench-prepare", help="benchmark prepare against Megatron-LM's preprocess_data.py "
                                                     "and sentencepiece's in-memory encode")
     p.add_argument("--input", help="JSONL with a `text` field (default: the Python stdlib sources, --mb MB)")
-    p.add_argument("--mb", type=float, default=20.0, help="size of the default input in MB (default 20)")
+    p.add_argument("--mb", type=positive_float, default=20.0, help="size of the default input in MB (default 20)")
     p.add_argument("--tokenizer", help="sentencepiece .model (default: train a 2000-piece BPE on the input)")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--workers", type=positive_int, default=2)
+    p.add_argument("--rounds", type=positive_int, default=2)
     p.add_argument("--megatron", help="a Megatron-LM source tree (with tools/preprocess_data.py; needs six, regex)")
     p.add_argument("--dedup", choices=("none", "exact", "near"), default="near",
                    help="also run ours with this dedup (default near)")

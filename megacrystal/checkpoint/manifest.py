@@ -37,6 +37,31 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def file_mode() -> int:
+    """The mode a plain `open()` gives a new file here: 0666 less the process umask."""
+    try:
+        with open("/proc/self/status") as status:  # reading it leaves the umask alone (Linux)
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def honour_umask(root: str | os.PathLike) -> None:
+    """Give every file under `root` (or `root` itself) the umask's mode: writers that go through mkstemp
+    (safetensors, some checkpoint writers) create 0600 files that the run's group could not read."""
+    root = Path(root)
+    mode = file_mode()
+    files = [root] if root.is_file() else [Path(d) / f for d, _, names in os.walk(root) for f in names]
+    for path in files:
+        if not path.is_symlink() and (path.stat().st_mode & 0o777) != mode:
+            path.chmod(mode)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Replace `path` with `text` atomically: readers see the old or the new content, never a part."""
     path = Path(path)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import CheckpointDamaged, CheckpointError, CheckpointWarning
-from .manifest import MANIFEST, atomic_write_text, fsync_dir, read_manifest, verify, write_manifest
+from .manifest import MANIFEST, atomic_write_text, fsync_dir, honour_umask, read_manifest, verify, write_manifest
 
 LATEST = "latest"
 PAUSE_ENV = "MEGACRYSTAL_CKPT_TEST_PAUSE"  # "<seconds>" or "<point>:<seconds>", point before_rename|before_latest
@@ -322,6 +322,7 @@ class CheckpointStore:
         previous = self.latest()
         final = self.step_dir(step)
         try:
+            honour_umask(tmp)
             write_manifest(tmp, {**metadata, "step": step, "phase_end": phase_end}, fsync=True)
             for dirpath, _, _ in os.walk(tmp, topdown=False):
                 fsync_dir(dirpath)

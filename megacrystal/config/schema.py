@@ -143,7 +143,7 @@ class CheckpointSection(_Section):
     keep: int = Field(3, ge=1)  # newest checkpoints kept, besides every phase-end one
     dir: Optional[str] = None  # default: <run.dir>/checkpoints
     phase_end: bool = True  # also save (and keep) a checkpoint at the end of every phase
-    stop_signals: list[str] = ["SIGTERM", "SIGUSR1"]  # save at the next step boundary, then exit 75
+    stop_signals: list[str] = ["SIGTERM", "SIGINT", "SIGUSR1"]  # save at the next step boundary, then exit 75
     time_limit_s: Optional[float] = Field(None, gt=0)  # wall-clock budget: save and exit 75 before it runs out
 
     @model_validator(mode="after")

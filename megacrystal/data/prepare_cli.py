@@ -5,15 +5,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cli_types import nonnegative_int, positive_int
+
 
 def add_prepare_args(parser: argparse.ArgumentParser) -> None:
     """--workers, --shard-index/--num-shards, --force and --slurm-array."""
-    parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default data.workers)")
-    parser.add_argument("--shard-index", type=int, default=0, help="this process's part of the shards (0-based)")
-    parser.add_argument("--num-shards", type=int, default=1,
+    parser.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default data.workers)")
+    parser.add_argument("--shard-index", type=nonnegative_int, default=0, help="this process's part of the shards (0-based)")
+    parser.add_argument("--num-shards", type=positive_int, default=1,
                         help="split the shards over this many processes or machines (each takes every n-th)")
     parser.add_argument("--force", action="store_true", help="rebuild shards even if they are complete")
-    parser.add_argument("--slurm-array", type=int, default=None, metavar="N",
+    parser.add_argument("--slurm-array", type=positive_int, default=None, metavar="N",
                         help="write a SLURM array job of N tasks (and a finishing job) instead of preparing")
     parser.add_argument("--slurm-script", default="prepare.sbatch", help="where --slurm-array writes the script")
     parser.add_argument("--sbatch", action="append", default=[], metavar="OPTION",

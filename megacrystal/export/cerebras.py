@@ -118,12 +118,13 @@ def lr_pieces(seg: LRSegment, phase_steps: int, offset: int = 0) -> list[tuple[s
 
 
 def lr_19(pieces) -> list[dict]:
-    """1.9 `optimizer.learning_rate`, in the resolved form of Crystal's phase 1/2 yaml."""
+    """1.9 `optimizer.learning_rate`: each piece with the keys Model Zoo 1.9 reads for it, once
+    (`PyTorchBaseModel._configure_lr_scheduler`: Linear needs initial/end_learning_rate and steps, CosineDecay
+    decay_steps, Constant learning_rate and steps)."""
     out = []
     for kind, a, b, n in pieces:
         if kind == "linear":
-            out.append({"base_lr": a, "decay_steps": n, "end_learning_rate": b, "initial_learning_rate": a,
-                        "learning_rate": a, "scheduler": "Linear", "steps": n})
+            out.append({"scheduler": "Linear", "initial_learning_rate": a, "end_learning_rate": b, "steps": n})
         elif kind == "cosine":
             out.append({"scheduler": "CosineDecay", "initial_learning_rate": a, "end_learning_rate": b,
                         "decay_steps": n})
@@ -174,20 +175,30 @@ def phase_weights(config: Config, plan) -> list[dict[str, float]]:
 # -- params.yaml -------------------------------------------------------------------------------------------------
 def params_yaml(config: Config, index: int, layout: str, *, offset: int = 0, pretrained: bool | None = None,
                 data_dirs: dict[str, str] | None = None, model_dir: str = "model_dir",
-                checkpoint_path: str | None = None, num_csx: int = 1) -> dict:
-    """params.yaml of phase `index` of the run (from step `offset` of the phase) for Model Zoo `layout`."""
+                checkpoint_path: str | None = None, num_csx: int = 1, global_start: int = 0) -> dict:
+    """params.yaml of phase `index` of the run (from step `offset` of the phase) for Model Zoo `layout`.
+
+    `global_start` is Model Zoo's global step when this run starts: the step restored from `checkpoint_path`
+    (0 for a weights-only start, `is_pretrained_checkpoint`). Model Zoo trains until the global step reaches
+    `max_steps` (runner `_configure_run_steps`: total = min(num_steps, max_steps - global_step)) and restores the
+    LR scheduler's step with the optimizer, so a continuing phase gets the cumulative `max_steps`, its own
+    `num_steps`, and its LR pieces after a constant piece over the steps already taken.
+    """
     from ..schedule.from_config import plan_for
 
     plan = plan_for(config)
     phase, steps = plan.phases[index], plan.steps[index]
     pieces = lr_pieces(phase.lr, steps, offset)
+    if global_start:
+        pieces = [("constant", pieces[0][1], pieces[0][1], global_start), *pieces]
     weights = phase_weights(config, plan)[index]
     mix = mixture(config, weights, data_dirs or {})
     o, t = config.optim, config.train
     if pretrained is None:
         pretrained = phase.weights_only_start
-    max_steps = steps - offset
-    ckpt_steps = min(config.checkpoint.interval or max_steps, max_steps)
+    num_steps = steps - offset
+    max_steps = global_start + num_steps
+    ckpt_steps = min(config.checkpoint.interval or num_steps, num_steps)
     if layout == "1.9":
         optimizer = {"optimizer_type": "AdamW", "beta1": o.betas[0], "beta2": o.betas[1], "eps": o.eps,
                      "weight_decay_rate": o.weight_decay}
@@ -196,6 +207,12 @@ def params_yaml(config: Config, index: int, layout: str, *, offset: int = 0, pre
         optimizer.update({"correct_bias": True, "loss_scaling_factor": 1.0, "log_summaries": True,
                           "learning_rate": lr_19(pieces),
                           "adjust_learning_rate": {"decoder_kernel": config.model.mup_width_scale}})
+        runconfig = {"max_steps": max_steps, "num_steps": num_steps, "checkpoint_steps": ckpt_steps, "log_steps": 1,
+                     "save_initial_checkpoint": False, "seed": t.seed, "use_cs_grad_accum": True,
+                     "enable_distributed": False, "use_appliance_data": True,
+                     "is_pretrained_checkpoint": bool(pretrained)}
+        if checkpoint_path:
+            runconfig["checkpoint_path"] = checkpoint_path
         return {
             "train_input": {"batch_size": t.global_batch_size, "data_processor": DATA_PROCESSOR, "mixture": mix,
                             "num_workers": 1, "persistent_workers": True, "prefetch_factor": 10, "repeat": True,
@@ -203,10 +220,7 @@ def params_yaml(config: Config, index: int, layout: str, *, offset: int = 0, pre
                             "vocab_size": config.model.vocab_size},
             "model": model_19(config),
             "optimizer": optimizer,
-            "runconfig": {"max_steps": max_steps, "checkpoint_steps": ckpt_steps, "log_steps": 1,
-                          "save_initial_checkpoint": False, "seed": t.seed, "use_cs_grad_accum": True,
-                          "enable_distributed": False, "use_appliance_data": True,
-                          "is_pretrained_checkpoint": bool(pretrained)},
+            "runconfig": runconfig,
         }
     bf16 = t.precision == "bf16"
     precision = {"enabled": bf16, "loss_scaling_factor": 1.0}
@@ -222,7 +236,7 @@ def params_yaml(config: Config, index: int, layout: str, *, offset: int = 0, pre
                                 "correct_bias": True}},
         "schedulers": lr_2x(pieces),
         "precision": precision,
-        "loop": {"max_steps": max_steps},
+        "loop": {"num_steps": num_steps, "max_steps": max_steps},
         "checkpoint": {"steps": ckpt_steps, "save_initial_checkpoint": False},
         "logging": {"log_steps": 1},
     }
@@ -271,29 +285,36 @@ def export_cerebras(config: Config, out: Path, layout: str, *, weights: dict | N
             start_index = len(plan.phases)
         else:
             start_index, _, offset = plan.phase_at_step(step)
-    commands, previous_ckpt = [], None
+    commands, previous_ckpt, previous_end = [], None, 0
     for index, (phase, steps) in enumerate(zip(plan.phases, plan.steps)):
         run_dir = f"{model_dir}/{phase.name}"
         continues = mdl is not None and index == start_index
         ckpt = str(mdl) if continues else (previous_ckpt if index > start_index else None)
         pretrained = True if continues else None  # no CS optimizer state in the export: weights only
+        weights_only = continues or phase.weights_only_start or ckpt is None
+        # The global step this phase starts at on the CS-2: 0 from scratch or weights only, else where the
+        # previous phase's run ended (restored from its checkpoint).
+        start = 0 if weights_only else previous_end
         params = params_yaml(config, index, layout, pretrained=pretrained, data_dirs=data_dirs, model_dir=run_dir,
-                             checkpoint_path=ckpt if layout == "2.x" else None, num_csx=num_csx)
+                             checkpoint_path=ckpt, num_csx=num_csx, global_start=start)
         path = out / phase.name / "params.yaml"
         _write_yaml(path, params)
-        lines.append(f"wrote {path} (phase {phase.name}: {steps:,} steps)")
+        lines.append(f"wrote {path} (phase {phase.name}: {steps:,} steps, global steps {start:,} to "
+                     f"{start + steps:,}{', from ' + ckpt if ckpt else ''})")
         run_steps = steps
         if continues and offset:
             run_steps = steps - offset
             params = params_yaml(config, index, layout, offset=offset, pretrained=True, data_dirs=data_dirs,
-                                 model_dir=run_dir, checkpoint_path=str(mdl) if layout == "2.x" else None,
-                                 num_csx=num_csx)
+                                 model_dir=run_dir, checkpoint_path=str(mdl), num_csx=num_csx)
             path = out / f"{phase.name}-resume" / "params.yaml"
             _write_yaml(path, params)
             lines.append(f"wrote {path} (the remaining {run_steps:,} steps of phase {phase.name})")
         if index >= start_index:
             commands.append(_command(layout, path, ckpt, run_dir, num_csx, modelzoo, out))
-            previous_ckpt = f"{run_dir}/checkpoint_{run_steps}.mdl"  # the CS runner's name for its last save
+            previous_end = start + run_steps
+            previous_ckpt = f"{run_dir}/checkpoint_{previous_end}.mdl"  # the CS runner's name: its global step
+        else:
+            previous_end = start + steps
     if weights is not None and start_index >= len(plan.phases):
         lines.append("the checkpoint ends the run's last phase: use the .mdl to evaluate or fine-tune "
                      "(runconfig.is_pretrained_checkpoint: true)")

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..config import ConfigError
+from ..cli_types import positive_float, positive_int
 
 _GB = 1 << 30
 
@@ -33,8 +34,8 @@ def _debug(parser: argparse.ArgumentParser) -> None:
 
 
 def _layout(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--tp", type=int, default=1, help=f"tensor-parallel size to {what} at (default 1)")
-    parser.add_argument("--pp", type=int, default=1, help=f"pipeline-parallel size to {what} at (default 1); "
+    parser.add_argument("--tp", type=positive_int, default=1, help=f"tensor-parallel size to {what} at (default 1)")
+    parser.add_argument("--pp", type=positive_int, default=1, help=f"pipeline-parallel size to {what} at (default 1); "
                         "launch tp x pp (x dp) processes with torchrun for more than one")
 
 
@@ -61,7 +62,7 @@ def register(subparsers) -> None:
     cs.add_argument("--data-dir", action="append", default=[], metavar="DATASET=PATH",
                     help="Model Zoo HDF5 directory of a dataset (default: the dataset's inputs)")
     cs.add_argument("--model-dir", default="model_dir", help="Model Zoo model_dir root; one sub-directory per phase")
-    cs.add_argument("--num-csx", type=int, default=1, help="CS-2 systems (Crystal used 16)")
+    cs.add_argument("--num-csx", type=positive_int, default=1, help="CS-2 systems (Crystal used 16)")
     cs.add_argument("--modelzoo", default="/path/to/modelzoo", help="Model Zoo checkout on the cluster")
     _debug(cs)
     cs.set_defaults(handler=_export_cerebras)
@@ -70,7 +71,7 @@ def register(subparsers) -> None:
     hf.add_argument("--checkpoint", required=True, help="checkpoint (or checkpoint root) to export")
     hf.add_argument("--out", required=True, help="output directory")
     hf.add_argument("--bin", action="store_true", help="also write pytorch_model.bin (torch pickle)")
-    hf.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
+    hf.add_argument("--max-shard-size", type=positive_float, default=5.0, metavar="GB",
                     help="largest weight file before sharding with an index (default 5 GB)")
     hf.add_argument("--tokenizer", default=None, help="SentencePiece .model to ship (default: the run's tokenizer)")
     _debug(hf)
@@ -101,7 +102,7 @@ def register(subparsers) -> None:
     text.add_argument("--tokens-file", help="a JSON file with one list of token ids")
     score.add_argument("--tokenizer", default=None, help="SentencePiece .model (or a directory with tokenizer.model)")
     _layout(score, "score")
-    score.add_argument("--micro-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    score.add_argument("--micro-batch-size", type=positive_int, default=1, help="windows per forward pass (default 1)")
     score.add_argument("--precision", default="fp32", help="fp32 (default) or bf16")
     _debug(score)
     score.set_defaults(handler=_score)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError
+from ..checkpoint.manifest import honour_umask
 from ..config import ConfigError
 from . import keys
 from .gather import Gathered
@@ -113,6 +114,7 @@ def write_weights(out: Path, m, get: keys.Getter, fmt: str, max_bytes: int) -> l
             from safetensors.torch import save_file
 
             save_file(tensors, str(out / fname), metadata={"format": "pt"})
+            honour_umask(out / fname)  # safetensors writes 0600
         else:
             torch.save(tensors, out / fname)
         files.append(fname)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from ..cli_types import nonnegative_int, positive_int
+
 
 def register(subparsers) -> None:
     """Add `launch slurm` to the megacrystal command line."""
@@ -17,21 +19,21 @@ def register(subparsers) -> None:
         description="One torchrun per node through srun, c10d rendezvous on the first node, --resume auto, "
                     "SIGUSR1 before the time limit -> checkpoint -> exit 75 -> scontrol requeue -> resume.")
     add_config_args(slurm)
-    slurm.add_argument("--nodes", type=int, required=True, help="number of nodes")
-    slurm.add_argument("--gpus-per-node", type=int, required=True,
+    slurm.add_argument("--nodes", type=positive_int, required=True, help="number of nodes")
+    slurm.add_argument("--gpus-per-node", type=nonnegative_int, required=True,
                        help="GPUs per node = trainer processes per node; 0 for CPU-only nodes")
-    slurm.add_argument("--cpus-per-node", type=int, default=None,
+    slurm.add_argument("--cpus-per-node", type=positive_int, default=None,
                        help="CPUs to request per node (default: whole nodes, --exclusive); with --gpus-per-node 0 "
                             "also the trainer processes per node (default there: every CPU SLURM allocates)")
     slurm.add_argument("--partition", help="SLURM partition")
     slurm.add_argument("--time", help="time limit, e.g. 2-00:00:00 or 90 (minutes)")
     slurm.add_argument("--account", help="account to charge")
-    slurm.add_argument("--signal-before", type=int, default=300, metavar="S",
+    slurm.add_argument("--signal-before", type=positive_int, default=300, metavar="S",
                        help="seconds before the time limit at which the trainers are told to checkpoint and "
                             "stop, then the job is requeued (default 300)")
     slurm.add_argument("--job-name", help="job name (default: run.name)")
     slurm.add_argument("--log-dir", help="where the job logs go (default: <run.dir>/slurm)")
-    slurm.add_argument("--max-requeues", type=int, default=50,
+    slurm.add_argument("--max-requeues", type=nonnegative_int, default=50,
                        help="stop requeueing after this many restarts (default 50)")
     slurm.add_argument("--sbatch", dest="sbatch_extra", action="append", default=[], metavar="OPTION",
                        help="one more #SBATCH option, e.g. --sbatch=--qos=high (repeatable)")

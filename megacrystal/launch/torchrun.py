@@ -2,8 +2,10 @@
 
 `python -m megacrystal.launch.torchrun TORCHRUN_ARGS -m megacrystal.launch.worker train ...` is torchrun, except:
 
-- SIGUSR1 (SLURM's warning before the time limit, or `scancel --signal=USR1`) is forwarded to the trainer
-  processes, which checkpoint at the next step boundary and exit 75; plain torchrun would die of it. The request is
+- SIGUSR1 (SLURM's warning before the time limit, or `scancel --signal=USR1`), SIGTERM and SIGINT are forwarded to
+  the trainer processes alone, which checkpoint at the next step boundary and exit 75. Plain torchrun dies of
+  SIGUSR1, and answers SIGTERM/SIGINT by signalling each trainer's whole process group (megatron's checkpoint
+  helpers included) and killing what is left after 30 s, which can cut the stop's own save short. The request is
   repeated every few seconds until they exit, because a trainer that is still starting ignores it until its stop
   handler is installed (see worker.py).
 - The exit code says what happened: 0 done, 75 (EXIT_PREEMPTED) the trainers saved a checkpoint on a stop request
@@ -56,38 +58,43 @@ def _handles_usr1(pid: int) -> bool:
         return True  # no /proc (not Linux): send as before
 
 
+FORWARDED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+
 class StopForwarder:
-    """Forwards SIGUSR1 to the trainers now and every REPEAT_S seconds after."""
+    """Forwards stop signals to the trainers now and every REPEAT_S seconds after."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested: signal.Signals | None = None
 
     def install(self) -> None:
-        signal.signal(signal.SIGUSR1, self._on_signal)
+        for signum in FORWARDED:
+            signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
-        _say("got SIGUSR1: asking the trainers to checkpoint at the next step and stop")
-        if not self.requested:
-            self.requested = True
+        name = signal.Signals(signum).name
+        _say(f"got {name}: asking the trainers to checkpoint at the next step and stop")
+        if self.requested is None:
+            self.requested = signal.Signals(signum)
             threading.Thread(target=self._repeat, name="stop-forwarder", daemon=True).start()
-        self.forward()
+        self.forward(self.requested)
 
     @staticmethod
-    def forward() -> None:
+    def forward(signum: signal.Signals = signal.SIGUSR1) -> None:
         for child in _trainers():
             # A trainer still in interpreter start-up has SIGUSR1's default action (terminate) until worker.py
             # runs its first line; skip it now, the repeat reaches it once it ignores or handles the signal.
             if not _handles_usr1(child.pid):
                 continue
             try:
-                child.send_signal(signal.SIGUSR1)
+                child.send_signal(signum)
             except psutil.Error:
                 pass
 
     def _repeat(self) -> None:
         while True:
             time.sleep(REPEAT_S)
-            self.forward()
+            self.forward(self.requested)
 
 
 class StuckAgentWatchdog:
@@ -139,6 +146,9 @@ def _failure_line(err) -> str:
         message = message.get("message", "")
     message = " ".join(str(message or "").split())
     if not message or message.startswith("To enable traceback"):
+        if failure.exitcode == 2:  # megacrystal's own error exit: the one `megacrystal: error:` line above
+            return (f"error: training failed on this node: rank {rank} {what} "
+                    "(its `megacrystal: error:` line is above)")
         return f"error: training failed on this node: rank {rank} {what} (its traceback is above)"
     line = f"error: training failed on this node: rank {rank} {what}: {message[:400]}"
     if any(s in message.lower() for s in PEER_TROUBLE):
@@ -157,6 +167,9 @@ def run(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
+    if not any(a.startswith(("--signals-to-handle", "--signals_to_handle")) for a in argv):
+        # torch's agent would install its own SIGTERM/SIGINT handlers (killpg + SIGKILL after 30 s) over ours.
+        argv = ["--signals-to-handle", "SIGHUP,SIGQUIT", *argv]
     try:
         torchrun_main(argv)
         return 0

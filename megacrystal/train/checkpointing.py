@@ -15,8 +15,10 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import CheckpointError, CheckpointStore
+from ..checkpoint.lock import lock_run_dir
 from ..config import Config, dump_config
 from ..distributed.runtime import Layout
+from .signals import shielded
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -50,6 +52,7 @@ class Checkpointer:
         decision = [None, None]
         if self.layout.is_main:
             try:
+                lock_run_dir(self.config.run_dir())  # before anything is written: one run per run directory
                 path = self.store.resolve_resume(spec, expect=self.identity)
                 decision = [str(path) if path else None, None]
             except CheckpointError as err:
@@ -72,12 +75,22 @@ class Checkpointer:
 
     # -- save ------------------------------------------------------------------------------------------
     def save(self, state: dict, phase_end: bool) -> Path:
-        """Write a checkpoint of the state after `state['step']` steps on every rank; rank 0 commits it."""
+        """Write a checkpoint of the state after `state['step']` steps on every rank; rank 0 commits it.
+
+        Stop signals are held back meanwhile (see signals.py), and no rank returns before every rank knows the
+        outcome, so a rank that stops right after cannot cut a peer's save short.
+        """
+        with shielded():
+            path = self._save(state, phase_end)
+        return path
+
+    def _save(self, state: dict, phase_end: bool) -> Path:
         step = state["step"]
         state = {**state, "config_sha256": self.config_sha256}
         metadata = {**self.identity, "tokens": state["tokens"], "phase": state["phase"],
                     "config_sha256": state["config_sha256"]}
         outcome = [None, None]
+        self._where_sent = False
         if self.layout.is_main:
             try:
                 with self.store.saving(step, metadata, phase_end=phase_end) as tmp:
@@ -88,18 +101,38 @@ class Checkpointer:
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as err:  # noqa: BLE001 - torch's CheckpointException is a BaseException
-                outcome = [None, str(err) if isinstance(err, CheckpointError) else
-                           f"checkpoint save of step {step} failed: {type(err).__name__}: {err}"]
+                if not self._where_sent:  # failed before the others were told where to write: tell them not to
+                    dist.broadcast_object_list([None], src=0)
+                message = str(err) if isinstance(err, CheckpointError) else \
+                    f"checkpoint save of step {step} failed: {type(err).__name__}: {err}"
+                outcome = [None, self._with_latest(" ".join(message.split()))]
         else:
-            self._write_shards(None, state)
+            try:
+                self._write_shards(None, state)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:  # noqa: BLE001 - every rank failed together; rank 0's outcome says how
+                pass
         dist.broadcast_object_list(outcome, src=0)
         if outcome[1]:
             raise CheckpointError(outcome[1])
+        dist.barrier()
         return Path(outcome[0])
+
+    def _with_latest(self, message: str) -> str:
+        """`message`, naming the newest complete checkpoint unless it already says which one is intact."""
+        if "intact" in message or "previous checkpoint" in message:
+            return message
+        latest = self.store.latest()
+        return message + (f"; the latest good checkpoint is {latest}" if latest else
+                          "; there is no earlier checkpoint")
 
     def _write_shards(self, tmp: Path | None, state: dict) -> None:
         where = [str(tmp) if tmp else None]
         dist.broadcast_object_list(where, src=0)
+        self._where_sent = True
+        if where[0] is None:  # rank 0 could not open the save; its outcome says why
+            return
         tmp = Path(where[0])
         failed = None
         try:

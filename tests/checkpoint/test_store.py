@@ -436,3 +436,19 @@ def test_real_full_disk_while_writing_the_manifest(tiny_tmpfs, monkeypatch):
             assert full.value.errno == errno.ENOSPC
     assert failed == [errno.ENOSPC]  # it was the manifest that did not fit
     assert_previous_intact(store, previous)
+
+
+def test_files_written_0600_get_the_umask_mode_at_commit(tmp_path):
+    """Writers that go through mkstemp (safetensors, some torch writers) leave 0600 files; the group of a shared
+    run directory must read a checkpoint like any other file there."""
+    store = CheckpointStore(tmp_path)
+    old = os.umask(0o027)
+    try:
+        with store.saving(1, {"tokens": 512}) as tmp:
+            (tmp / SHARD).write_bytes(b"x" * 64)
+            os.chmod(tmp / SHARD, 0o600)
+            (tmp / "common.pt").write_bytes(b"common")
+    finally:
+        os.umask(old)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in store.step_dir(1).iterdir()} == \
+        {SHARD: "0o640", "common.pt": "0o640", MANIFEST: "0o640"}

@@ -34,7 +34,7 @@ def test_params_only_export_of_the_7b_prints_the_cs2_commands(tmp_path):
     assert "--num_csx 16 --num_workers_per_csx 1" in commands[0] and "--checkpoint_path" not in commands[0]
     # phase 2 starts from phase 1's last Model Zoo checkpoint, phase 3 from phase 2's
     assert "--checkpoint_path model_dir/phase1/checkpoint_79721.mdl" in commands[1]
-    assert "--checkpoint_path model_dir/phase2/checkpoint_214387.mdl" in commands[2]
+    assert "--checkpoint_path model_dir/phase2/checkpoint_294108.mdl" in commands[2]  # its global step
 
 
 def test_unknown_cs_release_fails_in_one_line(tmp_path):

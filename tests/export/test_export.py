@@ -105,6 +105,16 @@ def test_hf_directory_layout(exported):
     assert "wrote" in exported["r"]["export_hf"]
 
 
+def test_exported_weights_honour_the_umask(exported):
+    """safetensors writes its files 0600; an export (and a checkpoint) gets the mode of any other new file."""
+    from megacrystal.checkpoint.manifest import file_mode
+
+    out = exported["tmp"] / "hf"
+    weights = sorted(out.glob("model*.safetensors")) + sorted(out.glob("pytorch_model*.bin"))
+    assert weights
+    assert {oct(p.stat().st_mode & 0o777) for p in [*weights, out / "config.json"]} == {oct(file_mode())}
+
+
 def test_cs_mdl_shares_the_aliased_tensors_and_commands_are_printed(exported):
     obj = torch.load(exported["tmp"] / "cs19" / "checkpoint_4.mdl", weights_only=True)["model"]
     assert obj["lm_head.weight"].data_ptr() == obj["embedding_layer.word_embeddings.weight"].data_ptr()

@@ -185,12 +185,12 @@ def test_7b_params_19_match_crystals_yaml(crystal_7b, index):
     mix = p["train_input"]["mixture"]
     assert [e["weight"] for e in mix] == CRYSTAL_WEIGHTS[index]
     lr = p["optimizer"]["learning_rate"]
-    if index < 2:
-        assert lr == CRYSTAL_LR[index]
-    else:
-        assert [(s["scheduler"], s["initial_learning_rate"], s["end_learning_rate"], s["steps"]) for s in lr] == \
-            CRYSTAL_LR[2]
-    assert p["runconfig"]["max_steps"] == MAX_STEPS[index]
+    expected = CRYSTAL_LR[index] if index == 2 else [
+        (s["scheduler"], s["initial_learning_rate"], s["end_learning_rate"], s["steps"]) for s in CRYSTAL_LR[index]]
+    assert [(s["scheduler"], s["initial_learning_rate"], s["end_learning_rate"], s["steps"]) for s in lr] == expected
+    # each key once: Crystal's resolved yaml also repeats them as base_lr, learning_rate and decay_steps
+    assert all(set(s) == {"scheduler", "initial_learning_rate", "end_learning_rate", "steps"} for s in lr)
+    assert p["runconfig"]["max_steps"] == p["runconfig"]["num_steps"] == MAX_STEPS[index]  # a phase on its own
     assert p["runconfig"]["is_pretrained_checkpoint"] is (index == 2)
     o = p["optimizer"]
     assert (o["optimizer_type"], o["beta1"], o["beta2"], o["eps"], o["weight_decay_rate"], o["max_gradient_norm"],
@@ -279,3 +279,41 @@ def test_cerebras_export_continues_from_the_checkpoints_step(tmp_path, step, res
 def test_a_key_of_no_layer_parameter_is_a_key_error_naming_its_kind(convert, name, kind):
     with pytest.raises(KeyError, match=f"not a {kind}: {name}"):
         convert(name, lambda n: torch.zeros(1), 1)
+
+
+@pytest.mark.parametrize("layout", ["1.9", "2.x"])
+def test_cerebras_phase_chain_of_the_3_phase_7b(tmp_path, crystal_7b, layout):
+    """Each phase continues from the previous one's last Model Zoo checkpoint, named by its global step; a phase
+    with optimizer state counts global steps on from there (cumulative max_steps, LR pieces after them), a
+    weights-only one (is_pretrained_checkpoint) from 0 (crystal-spec 3.2: Model Zoo 1.9 restores global_step
+    unless is_pretrained_checkpoint, and trains until global_step == max_steps)."""
+    from megacrystal.schedule.from_config import plan_for
+
+    plan = plan_for(crystal_7b)
+    cerebras.export_cerebras(crystal_7b, tmp_path, layout)
+    chain = []
+    for phase in plan.phases:
+        p = yaml.safe_load((tmp_path / phase.name / "params.yaml").read_text())
+        if layout == "1.9":
+            r = p["runconfig"]
+            ckpt, pretrained = r.get("checkpoint_path"), r["is_pretrained_checkpoint"]
+            lr = p["optimizer"]["learning_rate"]
+            steps = [s.get("steps", s.get("decay_steps")) for s in lr]
+        else:
+            r = p["trainer"]["init"]["loop"]
+            ckpt, pretrained = p["trainer"]["fit"].get("ckpt_path"), phase.weights_only_start
+            steps = [next(iter(s.values()))["total_iters"] for s in
+                     p["trainer"]["init"]["schedulers"][0]["SequentialLR"]["schedulers"]]
+        chain.append((ckpt, pretrained, r["num_steps"], r["max_steps"], steps))
+    assert [c[2] for c in chain] == list(plan.steps) == MAX_STEPS  # each phase's own steps
+    assert chain[0][0] is None and chain[0][3] == MAX_STEPS[0]
+    for i in range(1, len(chain)):
+        prev_max, (ckpt, pretrained, num, max_steps, steps), phase = chain[i - 1][3], chain[i], plan.phases[i]
+        assert ckpt == f"model_dir/{plan.phases[i - 1].name}/checkpoint_{prev_max}.mdl"
+        assert pretrained is phase.weights_only_start
+        start = 0 if phase.weights_only_start else prev_max
+        assert max_steps == start + num
+        if start:  # the restored LR scheduler step: a constant piece over the steps before this phase
+            assert steps[0] == start
+        assert sum(steps) >= max_steps
+    assert [c[3] for c in chain] == [79721, 79721 + 214387, 27728]

@@ -124,3 +124,45 @@ def test_time_budget_saves_and_exits_75_before_it_runs_out(config, tmp_path):
     assert "(time limit)" in out.stderr
     done = _steps_done(run)
     assert 0 < done < 400 and _latest_step(run) == done
+
+
+def test_sigterm_to_the_launcher_ends_in_a_checkpoint_of_the_last_step_and_exit_75(config, tmp_path):
+    """The reported loss: SIGTERM to the launcher. torchrun would signal each rank's process group (megatron's
+    checkpoint helpers included) and SIGKILL after 30 s; megacrystal's launcher forwards it to the ranks alone."""
+    run = tmp_path / "launcher"
+    proc = subprocess.Popen([sys.executable, "-m", "megacrystal.launch.torchrun", "--standalone", "--nproc-per-node",
+                             "2", "-m", "megacrystal.launch.worker", "train", "--config", str(config),
+                             "--set", f"run.dir={run}", "--set", "train.steps=400"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _wait_for_step(proc, run, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, stderr
+    assert "(SIGTERM); checkpoint" in stderr and "relaunch with --resume auto" in stderr
+    assert _latest_step(run) == _steps_done(run) >= 3  # the last finished step, nothing lost
+
+
+# -- stop signals in a loop: every stop ends with a verified checkpoint of the last finished step ----------------
+# CI runs two stops per world size (one during a save); the full check is MEGACRYSTAL_STOP_LOOPS=20 (20 per
+# world size, docs/operator-inputs.md).
+STOP_LOOPS = os.environ.get("MEGACRYSTAL_STOP_LOOPS")
+
+
+@pytest.mark.parametrize("world_size, stops", [(2, 2), (4, 2)])
+def test_stop_signals_at_random_steps_lose_nothing(world_size, stops, tmp_path):
+    from tests.helpers import run_on_ranks
+
+    from .stop_runs import stop_loop
+
+    stops = int(STOP_LOOPS or stops)
+    result = run_on_ranks(stop_loop, world_size, str(tmp_path), stops, 1000 + world_size,
+                          timeout=120 + 60 * stops)[0]
+    print(json.dumps(result["events"]))  # with -s: what each stop did
+    assert not result["problems"], result
+    assert len(result["events"]) == stops
+    assert any(e["during_save"] for e in result["events"])
+    # Resumed after every stop from the step it stopped at, and to the end: the uninterrupted run, bit for bit.
+    stopped, reference = result["losses"]["stopped"], result["losses"]["reference"]
+    assert [s for s, _ in stopped] == list(range(1, result["steps"] + 1))
+    assert stopped == reference
