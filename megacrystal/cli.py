@@ -6,7 +6,7 @@ import os
 import sys
 
 from .checkpoint.errors import CheckpointError
-from .cli_types import positive_int
+from .config.arguments import add_config_args, positive_int
 from .config import Config, ConfigError, load_config
 from .data.errors import DataError
 from .host_memory import keep_freed_memory
@@ -21,14 +21,6 @@ EXTRA_COMMANDS: list[str] = [
     "megacrystal.export.commands",
     "megacrystal.launch.commands",
 ]
-
-
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """--config, --set and --debug, as every config-driven command takes them."""
-    parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/crystal-tiny.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field by its dotted name, e.g. --set parallel.tp=2")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -84,13 +84,13 @@ def test_damaged_or_foreign_datasets_fail_in_one_line(tmp_path, tiny_data):
 
 # -- numeric flags: every one of every command refuses 0 / negatives / non-numbers at the parser, in one line ----
 def _numeric_flags():
-    """(command words, flag, type) for every option whose type is one of megacrystal.cli_types."""
+    """(command words, flag, type) for every option whose type is one of megacrystal.config.arguments."""
     import argparse
 
-    from megacrystal import cli_types
+    from megacrystal.config import arguments
     from megacrystal.cli import _parser
 
-    ours = {cli_types.positive_int, cli_types.nonnegative_int, cli_types.positive_float, cli_types.fraction}
+    ours = {arguments.positive_int, arguments.nonnegative_int, arguments.positive_float, arguments.fraction}
     found, plain = [], []
 
     def walk(parser, words):
@@ -115,14 +115,14 @@ def test_no_numeric_flag_is_a_plain_int_or_float():
 
 @pytest.mark.parametrize("value", ["0", "-3", "banana", "1e999", "nan"])
 def test_every_numeric_flag_rejects_bad_values_in_one_line(value, capsys):
-    from megacrystal import cli_types
+    from megacrystal.config import arguments
     from megacrystal.cli import _parser
 
     found, _ = _numeric_flags()
     for words, flag, kind in found:
-        if value == "0" and kind is cli_types.nonnegative_int:
+        if value == "0" and kind is arguments.nonnegative_int:
             continue  # 0 is valid there (--gpus-per-node 0: CPU nodes; --warmup 0; --max-requeues 0)
-        if kind in (cli_types.positive_int, cli_types.nonnegative_int) and value in ("1e999", "nan"):
+        if kind in (arguments.positive_int, arguments.nonnegative_int) and value in ("1e999", "nan"):
             value_here = "1.5"
         else:
             value_here = value

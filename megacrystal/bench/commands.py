@@ -6,11 +6,10 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from ..cli_types import fraction, nonnegative_int, positive_float, positive_int
+from ..config.arguments import add_config_args, fraction, nonnegative_int, positive_float, positive_int
 
 
 def register(subparsers) -> None:
-    from ..cli import add_config_args
 
     bench = subparsers.add_parser("bench", help="sweep parallel layouts and report tokens/s, TFLOP/s, MFU, scaling")
     add_config_args(bench)
@@ -56,8 +55,9 @@ def register(subparsers) -> None:
                               "400 for H100: one NDR NIC per GPU)")
     network.add_argument("--inter-node-gbps-per-node", metavar="GBPS", type=positive_float,
                          help="network bandwidth of a whole node, Gb/s, shared by its GPUs (e.g. 3200 for 8 x 400)")
-    network.add_argument("--inter-node-gbps", metavar="GBPS", type=positive_float, help=argparse.SUPPRESS)  # deprecated: per node
-    model.add_argument("--intra-node-gbps", metavar="GBPS", type=positive_float, help=argparse.SUPPRESS)  # deprecated: per GPU
+    # deprecated names: --inter-node-gbps was per node, --intra-node-gbps per GPU
+    network.add_argument("--inter-node-gbps", metavar="GBPS", type=positive_float, help=argparse.SUPPRESS)
+    model.add_argument("--intra-node-gbps", metavar="GBPS", type=positive_float, help=argparse.SUPPRESS)
     model.add_argument("--efficiency", metavar="FRACTION", type=fraction,
                        help="sustained fraction of peak of large GEMMs (overrides the constants' gemm_max)")
     model.add_argument("--recompute", default="none",
@@ -72,7 +72,8 @@ def register(subparsers) -> None:
     slurm.add_argument("--slurm", action="store_true", help="run the points as SLURM jobs (the sweep may have nodes)")
     slurm.add_argument("--gpus-per-node", type=nonnegative_int, help="trainer processes per node; 0 for CPU nodes "
                        "(then --cpus-per-node); MFU on GPUs uses --device")
-    slurm.add_argument("--cpus-per-node", type=positive_int, help="CPUs per node; with --gpus-per-node 0 also the processes")
+    slurm.add_argument("--cpus-per-node", type=positive_int,
+                       help="CPUs per node; with --gpus-per-node 0 also the processes")
     slurm.add_argument("--partition", help="SLURM partition")
     slurm.add_argument("--account", help="account to charge")
     slurm.add_argument("--time", help="time limit per job, e.g. 30 (minutes)")

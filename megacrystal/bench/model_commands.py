@@ -10,7 +10,7 @@ from ..config import Config, ConfigError
 
 
 def _number(args, flag: str, kind=float, default=None):
-    """A flag's value (argparse's cli_types have already refused 0, negatives and non-numbers), or `default`."""
+    """A flag's value (the config.arguments types have already refused 0, negatives and non-numbers), or `default`."""
     value = getattr(args, flag.lstrip("-").replace("-", "_"))
     return default if value is None else kind(value)
 

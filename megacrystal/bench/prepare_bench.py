@@ -18,7 +18,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from ..cli_types import positive_float, positive_int
+from ..config.arguments import positive_float, positive_int
 
 import numpy as np
 

@@ -1,9 +1,18 @@
-"""Cut a global batch of token rows into this data-parallel rank's micro-batches."""
+"""Micro-batches: the unit engines train on, cut from a global batch of token rows for one data-parallel rank."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
-from ..engines.base import Microbatch
+
+@dataclass
+class Microbatch:
+    """One micro-batch of packed token sequences: inputs, next-token labels and a loss mask, all [b, s]."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
 
 
 def rank_microbatches(global_tokens: torch.Tensor, dp_rank: int, dp_size: int, micro_batch_size: int,

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli_types import nonnegative_int, positive_int
+from ..config.arguments import nonnegative_int, positive_int
 
 
 def add_prepare_args(parser: argparse.ArgumentParser) -> None:

@@ -6,14 +6,7 @@ from typing import Protocol
 
 import torch
 
-
-@dataclass
-class Microbatch:
-    """One micro-batch of packed token sequences: inputs, next-token labels and a loss mask, all [b, s]."""
-
-    tokens: torch.Tensor
-    labels: torch.Tensor
-    loss_mask: torch.Tensor
+from ..data.batches import Microbatch
 
 
 @dataclass

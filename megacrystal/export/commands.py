@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..config import ConfigError
-from ..cli_types import positive_float, positive_int
+from ..config.arguments import positive_float, positive_int
 
 _GB = 1 << 30
 

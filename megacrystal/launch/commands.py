@@ -4,12 +4,11 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from ..cli_types import nonnegative_int, positive_int
+from ..config.arguments import add_config_args, nonnegative_int, positive_int
 
 
 def register(subparsers) -> None:
     """Add `launch slurm` to the megacrystal command line."""
-    from ..cli import add_config_args
     from .slurm import CPU_BIND_MODES
 
     launch = subparsers.add_parser("launch", help="launch a run on a cluster (SLURM)")

@@ -67,7 +67,7 @@ def test_deprecated_link_flag_is_per_node_with_a_warning(capsys):
                                         ("--inter-node-gbps-per-gpu", "0"), ("--efficiency", "nan"),
                                         ("--intra-node-gbps-per-gpu", "fast")])
 def test_bad_numbers_are_one_line_errors(capsys, flag, value):
-    with pytest.raises(SystemExit) as exited:  # argparse refuses them (megacrystal.cli_types)
+    with pytest.raises(SystemExit) as exited:  # argparse refuses them (megacrystal.config.arguments)
         main(["bench", "--config", SEVEN_B, "--plan", flag, value])
     err = capsys.readouterr().err.strip()
     assert exited.value.code == 2 and len(err.splitlines()) == 1 and f"argument {flag}: " in err, err

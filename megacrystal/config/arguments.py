@@ -1,4 +1,6 @@
-"""argparse types for numeric flags: a bad value is argparse's one-line usage error, never a traceback later.
+"""Command-line arguments every command shares: --config/--set/--debug, and argparse types for numeric flags.
+
+A bad number is argparse's one-line usage error, never a traceback later.
 
 `--nodes 0` reaching a division, `--steps -3` an empty loop or `--efficiency 2` a prediction above the peak all
 stop at the parser with `megacrystal <cmd>: error: argument --flag: ...` (exit 2).
@@ -49,3 +51,11 @@ def fraction(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """--config, --set and --debug, as every config-driven command takes them."""
+    parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/crystal-tiny.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field by its dotted name, e.g. --set parallel.tp=2")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
