@@ -102,8 +102,8 @@ def run(args) -> int:
         raise ConfigError("bench: give --sweep and --out to measure, or --predict to model a cluster")
     if args.steps <= args.warmup + 2:
         raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup} by at least 3")
-    if args.repeat < 1 or (args.repeat > 1 and args.slurm):
-        raise ConfigError(f"--repeat {args.repeat}: give 1 or more rounds (and 1 with --slurm)")
+    if args.repeat > 1 and args.slurm:
+        raise ConfigError(f"--repeat {args.repeat}: --slurm jobs run one round (give --repeat 1)")
     from . import slurm
 
     points = sweep.plan_points(sweep.parse_sweep(args.sweep), slurm.procs_per_node(args))

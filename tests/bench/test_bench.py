@@ -31,10 +31,11 @@ def test_bad_repeat_is_a_one_line_error(repeat, synthetic_config, tmp_path, caps
     from megacrystal.cli import main
 
     out = tmp_path / "bench"
-    assert main(["bench", "--config", str(synthetic_config), "--sweep", "dp=1", "--repeat", repeat,
-                 "--out", str(out)]) == 2
+    with pytest.raises(SystemExit) as exited:  # refused by the parser (config.arguments.positive_int)
+        main(["bench", "--config", str(synthetic_config), "--sweep", "dp=1", "--repeat", repeat, "--out", str(out)])
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"megacrystal: error: --repeat {repeat}: give 1 or more"), err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"megacrystal bench: error: argument --repeat: must be a positive integer, got {repeat}")
     assert not out.exists()
 
 

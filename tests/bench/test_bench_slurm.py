@@ -33,7 +33,7 @@ def _bench(config: Path, out: Path, sweep: str, *extra: str) -> list[str]:
                               "tp x pp = 2; sweep nodes in multiples of 2"),
     # 3 data-parallel ranks x micro-batch 2 do not divide the global batch of 8
     ("nodes=1,3", SLURM, "bench point nodes3: train.global_batch_size: 8 is not a multiple of"),
-    ("nodes=1", [*SLURM, "--repeat", "2"], "--repeat 2: give 1 or more rounds (and 1 with --slurm)"),
+    ("nodes=1", [*SLURM, "--repeat", "2"], "--repeat 2: --slurm jobs run one round (give --repeat 1)"),
     ("nodes=1", [*SLURM, "--host-ceiling"], "--host-ceiling: runs copies side by side on this host; not with --slurm"),
     ("nodes=1", [*SLURM, "--time", "5"], "bench --time 5: a job is told to checkpoint and requeue 300 s"),
     ("nodes=1", ["--slurm", "--gpus-per-node", "8", "--device", "TPU"], "bench --device 'TPU': the nodes' GPU"),
