@@ -15,6 +15,7 @@ from ..model.size import flops_per_token
 from ..schedule.from_config import plan_for
 from ..schedule.plan import RunPlan
 from .checkpointing import Checkpointer
+from .domain_loss import loss_per_dataset, token_bytes_for
 from .eval import Evaluator
 from .metrics import MetricsWriter, truncate_jsonl
 from .profiling import StepProfiler
@@ -83,8 +84,8 @@ def train(config: Config, resume: str = "auto") -> list[dict]:
             if config.data.log_samples:
                 truncate_jsonl(run_dir / "samples.jsonl", start)
             print(plan.report(), flush=True)
-        evaluator = Evaluator(valid_streams, config.data.eval_samples, config.train.micro_batch_size, layout) \
-            if valid_streams else None
+        evaluator = Evaluator(valid_streams, config.data.eval_samples, config.train.micro_batch_size, layout,
+                              token_bytes_for(config)) if valid_streams else None
         loop = _Loop(config, plan, layout, engine, source, evaluator, metrics, checkpointer)
         try:
             records = loop.run(start, events=[f"blend change: {change.describe()}"] if change else [])
@@ -180,9 +181,12 @@ class _Loop:
             "samples": batch.counts,
             "consumed_tokens": {name: n * m.seq_length for name, n in self.source.consumed_samples().items()},
         }
+        if result.row_losses is not None:
+            record["loss_per_dataset"] = loss_per_dataset(result.row_losses, batch.samples)
         interval = self.config.data.eval_interval
         if self.evaluator and ((interval and (step + 1) % interval == 0) or step + 1 in self.ends):
             record["val_loss"] = self.evaluator.run(self.engine)
+            record.update(self.evaluator.bpb())
         return record
 
     def _save(self, step: int, record: dict, phase_end: bool) -> None:
