@@ -18,6 +18,7 @@ EXTRA_COMMANDS: list[str] = [
     "megacrystal.bench.commands",
     "megacrystal.export.commands",
     "megacrystal.launch.commands",
+    "megacrystal.lab.commands",
 ]
 
 
