@@ -192,7 +192,7 @@ def _sum_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     loss_sum = torch.sum(per_token_loss.float().reshape(-1) * mask)
     count = mask.sum()
     # Per row as well (rows know their dataset): the per-dataset training loss sums these.
-    rows = (per_token_loss.detach().float().reshape(loss_mask.shape) * loss_mask.float()).sum(dim=1)
-    row_loss = torch.stack([rows, loss_mask.float().sum(dim=1)], dim=1)
+    rows = (per_token_loss.detach().double().reshape(loss_mask.shape) * loss_mask.double()).sum(dim=1)
+    row_loss = torch.stack([rows, loss_mask.double().sum(dim=1)], dim=1)
     return loss_sum, count.to(torch.int), {"lm loss": torch.stack([loss_sum.detach().clone(), count]),
                                            "row loss": row_loss}

@@ -31,6 +31,9 @@ def register(subparsers) -> None:
     s.add_argument("--time")
     s.add_argument("--account")
     p.set_defaults(handler=_ablate)
+    from .average import register as register_average
+
+    register_average(subparsers)
 
 
 def _ablate(args) -> int:

@@ -86,9 +86,9 @@ def test_training_loss_per_dataset_matches_a_recomputation_from_samples(runs):
         for dataset, (nll, tokens) in scored.items():
             assert tokens == 128 * len(groups[dataset])
             assert logged[dataset] == pytest.approx(nll / tokens, rel=1e-5), (step, dataset)
-        # The per-dataset losses weighted by tokens give back the step's loss.
+        # The per-dataset losses weighted by tokens give back the step's loss (summed in float32 by the engine).
         total = sum(logged[d] * len(groups[d]) for d in groups) / 16
-        assert total == pytest.approx(full[step]["loss"], rel=1e-9)
+        assert total == pytest.approx(full[step]["loss"], rel=1e-6)
 
 
 def _document_texts(config, dataset: str, tokenizer: CrystalTokenizer) -> list[tuple[np.ndarray, str]]:
