@@ -30,7 +30,7 @@ def _planned(plan, datasets: list[str], tokens: list[int]) -> dict[str, list[flo
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write blend.png, loss.png and (when evaluated) val_loss.png into the run dir; return their paths."""
+    """Write blend.png, loss.png, loss_per_dataset.png and (when evaluated) val_loss.png, val_bpb.png; return paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,6 +69,21 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     _, ax = plt.subplots(figsize=(7, 4))
     ax.plot(tokens, [r["loss"] for r in records], label="train loss")
     finish(ax, "loss.png", "Training loss (phase boundaries dotted)", "loss (nats/token)")
+
+    per_dataset = [r for r in records if "loss_per_dataset" in r]
+    if per_dataset:  # per-domain training loss; the dotted phase boundaries show each phase's share of it
+        _, ax = plt.subplots(figsize=(7, 4))
+        for d in sorted({d for r in per_dataset for d in r["loss_per_dataset"]}):
+            points = [(r["tokens"], r["loss_per_dataset"][d]) for r in per_dataset if d in r["loss_per_dataset"]]
+            ax.plot(*zip(*points), linewidth=0.8, label=d)
+        finish(ax, "loss_per_dataset.png", "Training loss per dataset (phase boundaries dotted)", "loss (nats/token)")
+
+    bpb = [r for r in records if "bpb_per_dataset" in r]
+    if bpb:
+        _, ax = plt.subplots(figsize=(7, 4))
+        for d in sorted({d for r in bpb for d in r["bpb_per_dataset"]}):
+            ax.plot([r["tokens"] for r in bpb], [r["bpb_per_dataset"].get(d) for r in bpb], marker="o", label=d)
+        finish(ax, "val_bpb.png", "Validation bits per byte per dataset (phase boundaries dotted)", "bits per byte")
 
     evals = [r for r in records if "val_loss" in r]
     if evals:
