@@ -102,9 +102,11 @@ def plots(results: dict[str, dict], out: Path) -> list[Path]:
                 if not points:
                     continue
                 steps, values = zip(*sorted(points))
-                k = min(SMOOTH, len(values))
-                smooth = np.convolve(values, np.ones(k) / k, mode="valid")
-                ax.plot(steps[k - 1:], smooth, color=f"C{i}", label=name)
+                # Trailing mean over up to SMOOTH steps (fewer at the start), one point per logged step.
+                sums = np.cumsum(np.concatenate([[0.0], values]))
+                lo = np.maximum(0, np.arange(1, len(values) + 1) - SMOOTH)
+                smooth = (sums[1:] - sums[lo]) / (np.arange(1, len(values) + 1) - lo)
+                ax.plot(steps, smooth, color=f"C{i}", label=name, marker="." if len(steps) < 30 else None)
                 for end in r["phase_ends"][:-1]:
                     ax.axvline(end, color=f"C{i}", linestyle=":", linewidth=0.8)
             ax.set_title(f"{domain}: training loss ({SMOOTH}-step mean)")
@@ -120,14 +122,17 @@ def plots(results: dict[str, dict], out: Path) -> list[Path]:
     eval_domains = sorted({d for v in finals.values() for d in v})
     if finals and eval_domains:
         grid = np.array([[finals[n].get(d, np.nan) for d in eval_domains] for n in finals])
+        # Colour: % above the best variant of each domain (domains differ by far more than variants do).
+        above = 100 * (grid / np.nanmin(grid, axis=0) - 1)
         fig, ax = plt.subplots(figsize=(1.6 * len(eval_domains) + 2.5, 0.5 * len(finals) + 1.8))
-        image = ax.imshow(grid, cmap="viridis_r", aspect="auto")
+        image = ax.imshow(above, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(eval_domains)), eval_domains)
         ax.set_yticks(range(len(finals)), list(finals))
         for (i, j), value in np.ndenumerate(grid):
-            ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white", fontsize=8)
-        fig.colorbar(image, ax=ax, label="bits per byte")
-        ax.set_title("Final validation BPB: variants x domains")
+            light = above[i, j] > 0.6 * np.nanmax(above)  # dark text on the bright end of the colour map
+            ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="black" if light else "white", fontsize=8)
+        fig.colorbar(image, ax=ax, label="% above the domain's best variant")
+        ax.set_title("Final validation BPB (values): variants x domains")
         fig.tight_layout()
         path = out / "bpb_heatmap.png"
         fig.savefig(path, dpi=110)

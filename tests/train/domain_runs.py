@@ -25,3 +25,33 @@ def group_losses(checkpoint: str, groups: dict[str, list[list[int]]]) -> dict[st
         return out
     finally:
         teardown_parallel()
+
+
+def row_losses_per_layout(layouts: dict[str, dict], steps: int = 2) -> dict[str, list]:
+    """name -> the engine's [B, 2] row losses of each of `steps` training steps, per layout (parallel.* overrides)."""
+    from megacrystal.config import config_from_dict
+    from megacrystal.data.batches import rank_microbatches
+    from megacrystal.data.source import SyntheticSource
+    from megacrystal.distributed.runtime import setup_parallel, teardown_parallel
+    from megacrystal.engines.megatron import MegatronEngine
+    from megacrystal.schedule.from_config import plan_for
+    from tests.engines.parallel_runs import TINY, _with
+
+    out = {}
+    for name, overrides in layouts.items():
+        config = config_from_dict(_with(overrides, TINY))
+        plan = plan_for(config)
+        layout = setup_parallel(config)
+        try:
+            engine = MegatronEngine(config, layout)
+            source = SyntheticSource(config.model.vocab_size, config.model.seq_length, plan, config.train.seed)
+            rows = []
+            for step in range(steps):
+                batch = source.global_batch(step)
+                mbs = rank_microbatches(batch.tokens, layout.dp_rank, layout.dp, config.train.micro_batch_size,
+                                        batch.loss_mask)
+                rows.append(engine.train_step(mbs, plan.lr_at_step(step)).row_losses.tolist())
+            out[name] = rows
+        finally:
+            teardown_parallel()
+    return out

@@ -1,0 +1,27 @@
+"""The per-row losses behind the per-dataset training loss are the same at every layout (1 process; DP=2; TP=2)."""
+import pytest
+import torch
+
+from megacrystal.train.domain_loss import loss_per_dataset
+from tests.helpers.ranks import run_on_ranks
+from tests.train.domain_runs import row_losses_per_layout
+
+pytestmark = pytest.mark.slow
+# Rows of the 8-row global batch labelled as three datasets, interleaved so every rank holds rows of several.
+SAMPLES = [(name, i) for i, name in enumerate(["a", "b", "c", "a", "b", "a", "c", "a"])]
+
+
+def test_row_losses_and_per_dataset_loss_do_not_depend_on_the_layout():
+    (single,) = run_on_ranks(row_losses_per_layout, 1, {"one": {}})
+    pair = run_on_ranks(row_losses_per_layout, 2, {"dp2": {}, "tp2": {"parallel.tp": 2}})
+    assert pair[0] == pair[1]  # every rank gets the same rows
+    reference = single["one"]
+    assert pair[0]["dp2"] == reference  # DP splits rows, each computed exactly as in one process
+    for step, (tp_rows, rows) in enumerate(zip(pair[0]["tp2"], reference)):
+        assert torch.tensor(tp_rows) == pytest.approx(torch.tensor(rows), rel=1e-5), step
+        assert all(tokens == 32 for _, tokens in rows)
+        got = loss_per_dataset(torch.tensor(tp_rows), SAMPLES)
+        want = loss_per_dataset(torch.tensor(rows), SAMPLES)
+        assert got == pytest.approx(want, rel=1e-5)
+        a_rows = [rows[i][0] for i, (name, _) in enumerate(SAMPLES) if name == "a"]
+        assert want["a"] == pytest.approx(sum(a_rows) / (32 * len(a_rows)), rel=1e-12)
