@@ -67,7 +67,8 @@ def _average(args) -> int:
     from ..export.score import tokenizer_model_path
 
     if bool(args.paths) == bool(args.checkpoints):
-        raise ConfigError("pass checkpoint directories, or --checkpoints DIR --phase NAME [--last K], not both")
+        raise ConfigError("give either checkpoint directories or --checkpoints DIR --phase NAME [--last K] "
+                          "(exactly one of the two)")
     if args.checkpoints and not args.phase:
         raise ConfigError("--checkpoints needs --phase NAME")
     paths = [Path(p) for p in args.paths] or phase_checkpoints(args.checkpoints, args.phase, args.last)

@@ -42,14 +42,29 @@ def _say(text: str) -> None:
     print(f"[ablate] {text}", flush=True)
 
 
+def _prepared(config) -> bool:
+    """Whether the config's tokenizer and datasets are there and match (what `megacrystal train` checks)."""
+    from ..data.errors import DataError
+    from ..data.pipeline import open_streams
+
+    try:
+        open_streams(config, "train")
+        return True
+    except DataError:
+        return False
+
+
 def _prepare(grid: Grid, python: str) -> None:
-    """`megacrystal prepare` once per distinct data directory (it skips datasets that are already built)."""
+    """`megacrystal prepare` for each distinct data directory whose datasets are not built yet."""
     seen = set()
     for variant in grid.variants:
         c = variant.config
         if c.data.source != "indexed" or c.data.dir.format(name=c.run.name) in seen:
             continue
         seen.add(c.data.dir.format(name=c.run.name))
+        if _prepared(c):
+            continue
+        _say(f"preparing the data of {c.data.dir.format(name=c.run.name)}")
         args = [python, "-m", "megacrystal", "prepare", "--config", str(grid.base.resolve()),
                 *[a for s in variant.overrides for a in ("--set", s)]]
         done = subprocess.run(args, capture_output=True, text=True)

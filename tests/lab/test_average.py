@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megacrystal.checkpoint.errors import CheckpointError
+from megacrystal.lab.average import phase_checkpoints
 from tests.export.readers import read_hf
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,8 +25,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_average_of_the_last_checkpoints_of_a_phase(tmp_path, synthetic_config):
     _cli("train", "--config", str(synthetic_config), "--set", f"run.dir={tmp_path / 'run'}")
     root = tmp_path / "run" / "checkpoints"
-    done = _cli("average", "--checkpoints", str(root), "--phase", "main", "--last", "3", "--out", str(tmp_path / "avg"))
-    picked = [f"step_{s:09d}" for s in (8, 10, 12)]  # 12 steps, a checkpoint every 2, the newest three
+    done = _cli("average", "--checkpoints", str(root), "--phase", "main", "--last", "2", "--out", str(tmp_path / "avg"))
+    picked = [f"step_{s:09d}" for s in (10, 12)]  # 12 steps, a checkpoint every 2, the newest two
     assert all(p in done.stdout for p in picked)
     exports = []
     for name in picked:
@@ -33,8 +35,11 @@ def test_average_of_the_last_checkpoints_of_a_phase(tmp_path, synthetic_config):
     _, averaged = read_hf(tmp_path / "avg")
     assert sorted(averaged) == sorted(exports[0])
     for key, value in averaged.items():
-        mean = sum(e[key].double() for e in exports) / 3
+        mean = sum(e[key].double() for e in exports) / 2
         assert torch.equal(value, mean.float()), key
         assert not torch.equal(value, exports[-1][key]) or exports[0][key].equal(exports[-1][key])
-    with pytest.raises(AssertionError, match="6 checkpoints of phase 'main', 9 asked for"):
-        _cli("average", "--checkpoints", str(root), "--phase", "main", "--last", "9", "--out", str(tmp_path / "x"))
+    assert phase_checkpoints(root, "main", 6) == sorted(root.glob("step_*"))
+    with pytest.raises(CheckpointError, match="6 checkpoints of phase 'main', 9 asked for"):
+        phase_checkpoints(root, "main", 9)
+    with pytest.raises(CheckpointError, match="0 checkpoints of phase 'cooldown'"):
+        phase_checkpoints(root, "cooldown", 1)

@@ -4,8 +4,13 @@ from __future__ import annotations
 import torch
 
 
-def group_losses(checkpoint: str, groups: dict[str, list[list[int]]]) -> dict[str, tuple[float, int]]:
-    """{group: (summed NLL in nats, scored tokens)} of [S+1]-token rows, each row scored on tokens 1..S."""
+def group_losses(jobs: dict[str, tuple[str, dict[str, list[list[int]]]]]) -> dict[str, dict[str, tuple[float, int]]]:
+    """job -> {group: (summed NLL in nats, scored tokens)} of [S+1]-token rows under the job's checkpoint, each row
+    scored on its tokens 1..S; jobs are {name: (checkpoint, {group: rows})}, run one after another."""
+    return {name: _group_losses(checkpoint, groups) for name, (checkpoint, groups) in jobs.items()}
+
+
+def _group_losses(checkpoint: str, groups: dict[str, list[list[int]]]) -> dict[str, tuple[float, int]]:
     from megacrystal.data.batches import rank_microbatches
     from megacrystal.distributed.runtime import setup_parallel, teardown_parallel
     from megacrystal.engines.megatron import MegatronEngine

@@ -50,8 +50,24 @@ def runs(tmp_path_factory, tiny_data):
     _train(root / "full", tiny_data)
     _train(root / "resumed", tiny_data, "--resume", str(root / "full" / "checkpoints" / "step_000000010"))
     config = load_config(RECIPE, [tiny_data[1], *SHORT[1::2]])
+    # Independent forward passes, in one spawned process: the training rows of steps 6 (stable) and 11 (cooldown)
+    # with the weights saved just before them, and the validation rows with the final weights.
+    samples = _jsonl(root / "full" / "samples.jsonl")
+    _, streams = open_streams(config, "train")
+    _, valid = open_streams(config, "valid")
+    rows, jobs = {}, {}
+    for step in (6, 11):
+        groups: dict[str, list] = {}
+        for dataset, index in samples[step]["samples"]:
+            groups.setdefault(dataset, []).append(streams[dataset].sample(index).tolist())
+        rows[step] = groups
+        jobs[f"step{step}"] = (str(root / "full" / "checkpoints" / f"step_{step - 1:09d}"), groups)
+    rows["valid"] = {name: stream.first_samples(16) for name, stream in valid.items()}
+    jobs["valid"] = (str(root / "full" / "checkpoints" / "step_000000014"),
+                     {name: r.tolist() for name, r in rows["valid"].items()})
+    (scored,) = run_on_ranks(group_losses, 1, jobs)
     return {"root": root, "config": config, "full": _jsonl(root / "full" / "metrics.jsonl"),
-            "resumed": _jsonl(root / "resumed" / "metrics.jsonl")}
+            "resumed": _jsonl(root / "resumed" / "metrics.jsonl"), "rows": rows, "scored": scored}
 
 
 def test_cooldown_phase_follows_its_schedule_and_blend(runs):
@@ -72,15 +88,9 @@ def test_run_with_a_cooldown_phase_resumes_exactly(runs):
 
 
 def test_training_loss_per_dataset_matches_a_recomputation_from_samples(runs):
-    root, config, full = runs["root"], runs["config"], runs["full"]
-    samples = _jsonl(root / "full" / "samples.jsonl")
-    _, streams = open_streams(config, "train")
+    full = runs["full"]
     for step in (6, 11):  # one step of each phase, scored with the weights saved just before it
-        groups: dict[str, list] = {}
-        for dataset, index in samples[step]["samples"]:
-            groups.setdefault(dataset, []).append(streams[dataset].sample(index).tolist())
-        ckpt = root / "full" / "checkpoints" / f"step_{step - 1:09d}"
-        (scored,) = run_on_ranks(group_losses, 1, str(ckpt), groups)
+        groups, scored = runs["rows"][step], runs["scored"][f"step{step}"]
         logged = full[step]["loss_per_dataset"]
         assert sorted(logged) == sorted(groups)
         for dataset, (nll, tokens) in scored.items():
@@ -104,13 +114,9 @@ def _document_texts(config, dataset: str, tokenizer: CrystalTokenizer) -> list[t
 
 
 def test_validation_bits_per_byte_from_text_bytes_and_nll(runs):
-    root, config, full = runs["root"], runs["config"], runs["full"]
-    last = full[14]
+    config, last = runs["config"], runs["full"][14]
     tokenizer = CrystalTokenizer.load(data_dir(config) / "tokenizer.model", padded_vocab_size=2048)
-    _, valid = open_streams(config, "valid")
-    rows = {name: stream.first_samples(16) for name, stream in valid.items()}
-    (scored,) = run_on_ranks(group_losses, 1, str(root / "full" / "checkpoints" / "step_000000014"),
-                             {name: r.tolist() for name, r in rows.items()})
+    rows, scored = runs["rows"]["valid"], runs["scored"]["valid"]
     nll_all = bytes_all = 0
     for name, windows in rows.items():
         # The labels are stream tokens 1..16*128 (the windows overlap by one token, wrapping a short stream):
