@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import load_config
 from ..schedule.from_config import plan_for
 from .grid import Grid
-from .runner import is_done, run_dir
+from .runner import DONE, is_done, run_dir
 
 SMOOTH = 10  # steps in the moving average of the plotted training losses
 
@@ -44,8 +44,13 @@ def variant_results(where: Path) -> dict:
 
 
 def collect(grid: Grid, out: Path) -> dict[str, dict]:
-    """Results of every finished variant, in grid order."""
-    return {v.name: variant_results(run_dir(out, v)) for v in grid.variants if is_done(out, v)}
+    """Results of every finished variant, in grid order (with the wall time of the call that finished it)."""
+    results = {}
+    for v in grid.variants:
+        if is_done(out, v):
+            results[v.name] = variant_results(run_dir(out, v))
+            results[v.name]["seconds"] = json.loads((run_dir(out, v) / DONE).read_text()).get("seconds")
+    return results
 
 
 def markdown(results: dict[str, dict], fit: dict | None = None) -> str:
@@ -53,7 +58,9 @@ def markdown(results: dict[str, dict], fit: dict | None = None) -> str:
     lines = ["# Ablation report", ""]
     phase_names = list(dict.fromkeys(p for r in results.values() for p in r["phases"]))
     domains = sorted({d for r in results.values() for p in r["phases"].values() for d in p["bpb_per_dataset"]})
-    lines += ["Validation bits per byte at the end of each phase (lower is better).", ""]
+    seconds = [r.get("seconds") or 0.0 for r in results.values()]
+    lines += [f"{len(results)} variants, {sum(seconds) / 60:.1f} minutes of training (the last call of each).", "",
+              "Validation bits per byte at the end of each phase (lower is better).", ""]
     header = ["variant", "mixture"] + [f"{p}: {d}" for p in phase_names for d in [*domains, "all"]]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in results.items():
