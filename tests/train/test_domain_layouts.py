@@ -24,8 +24,8 @@ def test_row_losses_and_per_dataset_loss_do_not_depend_on_the_layout():
             assert torch.tensor(pair[0][layout][step]) == pytest.approx(torch.tensor(rows), rel=1e-5), (layout, step)
     for step, (tp_rows, rows) in enumerate(zip(pair[0]["tp2"], reference)):
         assert all(tokens == 32 for _, tokens in rows)
-        got = loss_per_dataset(torch.tensor(tp_rows), SAMPLES)
-        want = loss_per_dataset(torch.tensor(rows), SAMPLES)
+        got = loss_per_dataset(torch.tensor(tp_rows, dtype=torch.float64), SAMPLES)
+        want = loss_per_dataset(torch.tensor(rows, dtype=torch.float64), SAMPLES)
         assert got == pytest.approx(want, rel=1e-5)
         a_rows = [rows[i][0] for i, (name, _) in enumerate(SAMPLES) if name == "a"]
         assert want["a"] == pytest.approx(sum(a_rows) / (32 * len(a_rows)), rel=1e-12)
