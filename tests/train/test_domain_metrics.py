@@ -26,9 +26,10 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "configs" / "lab" / "code-cooldown.yaml")
 STEP_TOKENS = 16 * 128
 SHORT = ["--set", f"data.phases.stable.tokens={8 * STEP_TOKENS}",
-         "--set", f"data.phases.cooldown.tokens={6 * STEP_TOKENS}", "--set", "data.phases.stable.lr.warmup_steps=2", "--set", "train.threads=1", "--set", "data.log_samples=true",
-         "--set", "checkpoint.interval=5", "--set", "checkpoint.keep=20", "--set", "data.eval_interval=100",
-         "--set", "train.log_interval=100"]
+         "--set", f"data.phases.cooldown.tokens={6 * STEP_TOKENS}",
+         "--set", "data.phases.stable.lr.warmup_steps=2", "--set", "train.threads=1",
+         "--set", "data.log_samples=true", "--set", "checkpoint.interval=5", "--set", "checkpoint.keep=20",
+         "--set", "data.eval_interval=100", "--set", "train.log_interval=100"]
 
 pytestmark = pytest.mark.slow
 
