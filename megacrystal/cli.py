@@ -20,6 +20,7 @@ EXTRA_COMMANDS: list[str] = [
     "megacrystal.bench.prepare_bench",
     "megacrystal.export.commands",
     "megacrystal.launch.commands",
+    "megacrystal.lab.commands",
 ]
 
 

@@ -23,7 +23,7 @@ MAY_IMPORT = {
     "export": BELOW_TRAIN | {"train"},
     "launch": {"config"},
     "bench": BELOW_TRAIN | {"train", "launch"},
-    "lab": BELOW_TRAIN | {"train", "launch"},
+    "lab": BELOW_TRAIN | {"train", "launch", "export"},
     "quiet": set(),
     "host_memory": set(),
 }

@@ -35,7 +35,16 @@ class LRSection(Section):
     end: float = Field(0.0, ge=0)
     decay_steps: Optional[int] = Field(None, ge=0)  # None: decay over the rest of the phase
     start: float = Field(0.0, ge=0)
-    style: Literal["linear", "cosine"] = "linear"
+    style: Literal["linear", "cosine", "1-sqrt"] = "linear"
+    # WSD: hold the peak after warmup and decay over the last fraction of the phase (0: never decay);
+    # excludes decay_steps. A cooldown phase instead uses warmup_steps 0 and decays over its whole length.
+    decay_fraction: Optional[float] = Field(None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _check_decay(self) -> "LRSection":
+        require(self.decay_fraction is None or self.decay_steps is None, "lr.decay_fraction",
+                "excludes lr.decay_steps; set one of them")
+        return self
 
 
 class PhaseSection(Section):

@@ -56,7 +56,8 @@ class OptimSection(_Section):
     lr: Optional[float] = Field(None, gt=0)
     end_lr: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
-    decay_style: Literal["linear", "cosine"] = "linear"
+    decay_style: Literal["linear", "cosine", "1-sqrt"] = "linear"
+    decay_fraction: Optional[float] = Field(None, ge=0, le=1)  # WSD: decay over the last fraction of the run
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-9, gt=0)
     weight_decay: float = Field(0.1, ge=0)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 
@@ -17,6 +17,9 @@ class StepResult:
     tokens: int  # tokens that carried loss in the global batch
     grad_norm: float
     skipped: bool  # the optimizer skipped the update (non-finite gradients)
+    # [B, 2] float64 (loss sum, loss tokens) of every row of the global batch, in batch order; None when the
+    # engine does not report rows (per-dataset training loss is then not logged).
+    row_losses: Optional[torch.Tensor] = None
 
 
 class Engine(Protocol):

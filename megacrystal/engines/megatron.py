@@ -120,7 +120,8 @@ class MegatronEngine:
         ok, grad_norm, _ = self.optimizer.step()
         loss_sum, tokens = self._global_loss(reduced)
         return StepResult(loss=loss_sum / max(tokens, 1), tokens=tokens,
-                          grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), skipped=not ok)
+                          grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), skipped=not ok,
+                          row_losses=self._global_rows(reduced, sum(len(mb.tokens) for mb in microbatches)))
 
     @torch.no_grad()
     def eval_loss(self, microbatches: list[Microbatch]) -> tuple[float, int]:
@@ -179,10 +180,25 @@ class MegatronEngine:
         dist.all_reduce(total)
         return float(total[0]), int(total[1])
 
+    def _global_rows(self, reduced: list[dict], rows_per_rank: int) -> torch.Tensor:
+        """[B, 2] (loss sum, tokens) of every row of the global batch; each row is written by one rank only,
+        so the sum over ranks is exact and the same at every layout."""
+        dp, dp_rank = self.layout.dp, self.layout.dp_rank
+        total = torch.zeros(rows_per_rank * dp, 2, dtype=torch.float64, device=self.layout.device)
+        if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 and reduced:
+            mine = torch.cat([item["row loss"] for item in reduced]).to(total)
+            total[dp_rank * rows_per_rank:(dp_rank + 1) * rows_per_rank] = mine
+        dist.all_reduce(total)
+        return total.cpu()
+
 
 def _sum_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     """Summed masked loss and its token count; megatron divides gradients by the global token count."""
     mask = loss_mask.reshape(-1).float()
     loss_sum = torch.sum(per_token_loss.float().reshape(-1) * mask)
     count = mask.sum()
-    return loss_sum, count.to(torch.int), {"lm loss": torch.stack([loss_sum.detach().clone(), count])}
+    # Per row as well (rows know their dataset): the per-dataset training loss sums these.
+    rows = (per_token_loss.detach().double().reshape(loss_mask.shape) * loss_mask.double()).sum(dim=1)
+    row_loss = torch.stack([rows, loss_mask.double().sum(dim=1)], dim=1)
+    return loss_sum, count.to(torch.int), {"lm loss": torch.stack([loss_sum.detach().clone(), count]),
+                                           "row loss": row_loss}

@@ -100,6 +100,9 @@ def lr_pieces(seg: LRSegment, phase_steps: int, offset: int = 0) -> list[tuple[s
     Same convention as schedule/lr.py and Cerebras' schedulers: a piece's LR at its step t is
     initial + (end - initial) * t / steps, and the next piece starts where it ends.
     """
+    if seg.style == "1-sqrt" or seg.decay_fraction is not None:  # no such pieces in the 1.9 / 2.x schedulers
+        raise ConfigError("a WSD (lr.decay_fraction) or 1-sqrt LR has no Cerebras export yet; export a config "
+                          "whose phases use linear or cosine decay without decay_fraction")
     warmup, decay = seg.warmup_steps, seg.decay_length(phase_steps)
     pieces = []
     if offset < warmup:

@@ -19,7 +19,8 @@ def plan_for(config: Config) -> RunPlan:
         o = config.optim
         phases = [PhaseSpec(name="main", tokens=t.steps * t.global_batch_size * m.seq_length,
                             weights={SYNTHETIC: 1.0},
-                            lr=LRSegment(peak=o.lr, warmup_steps=o.warmup_steps, end=o.end_lr, style=o.decay_style))]
+                            lr=LRSegment(peak=o.lr, warmup_steps=o.warmup_steps, end=o.end_lr, style=o.decay_style,
+                                         decay_fraction=o.decay_fraction))]
     try:
         return RunPlan.build(phases, t.global_batch_size, m.seq_length, renormalize=d.renormalize)
     except ValueError as err:

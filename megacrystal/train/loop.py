@@ -16,6 +16,7 @@ from ..schedule.from_config import plan_for
 from ..schedule.plan import RunPlan
 from .cadence import Cadence, End
 from .checkpointing import Checkpointer
+from .domain_loss import loss_per_dataset, token_bytes_for
 from .eval import Evaluator
 from .metrics import MetricsWriter
 from .profiling import StepProfiler
@@ -88,8 +89,8 @@ def train(config: Config, resume: str = "auto") -> list[StepRecord]:
             if config.data.log_samples:
                 truncate_jsonl(run_dir / "samples.jsonl", start)
             print(plan.report(), flush=True)
-        evaluator = Evaluator(valid_streams, config.data.eval_samples, config.train.micro_batch_size, layout) \
-            if valid_streams else None
+        evaluator = Evaluator(valid_streams, config.data.eval_samples, config.train.micro_batch_size, layout,
+                              token_bytes_for(config)) if valid_streams else None
         loop = _Loop(config, plan, layout, engine, source, evaluator, metrics, checkpointer)
         try:
             records = loop.run(start, events=[f"blend change: {change.describe()}"] if change else [])
@@ -191,6 +192,8 @@ class _Loop:
             mfu=tflops / t.peak_tflops_per_device if t.peak_tflops_per_device else None,
             samples=batch.counts,
             consumed_tokens={name: n * m.seq_length for name, n in self.source.consumed_samples().items()},
+            loss_per_dataset=None if result.row_losses is None else
+            loss_per_dataset(result.row_losses, batch.samples),
         )
 
     def _save(self, record: StepRecord, phase_end: bool) -> None:

@@ -131,8 +131,25 @@ def val_loss_figure(records: list[StepRecord], plan):
     return fig
 
 
+def per_dataset_figure(records: list[StepRecord], plan, values, title: str, ylabel: str, marker=None):
+    """One line per dataset of `values(record)` ({dataset: value} or None) against tokens; None without data."""
+    from matplotlib.figure import Figure
+
+    points = [(r.tokens, values(r)) for r in records if values(r)]
+    if not points:
+        return None
+    fig = Figure(figsize=(8, 4))
+    (ax,) = _axes(fig, phase_spans(plan))
+    for d in sorted({d for _, v in points for d in v}):
+        ax.plot(*zip(*[(t, v[d]) for t, v in points if d in v]), linewidth=0.8, marker=marker, label=d, gid=d)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write blend.png, loss.png and (when evaluated) val_loss.png into the run dir; return their paths."""
+    """Write blend.png, loss.png, loss_per_dataset.png and (when evaluated) val_loss.png, val_bpb.png; return paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,7 +157,11 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     records = read_records(run_dir)
     plan = plan_for(load_config(run_dir / "config.resolved.yaml"))
     figures = {"blend.png": blend_figure(records, plan) if any(r.consumed_tokens for r in records) else None,
-               "loss.png": loss_figure(records, plan), "val_loss.png": val_loss_figure(records, plan)}
+               "loss.png": loss_figure(records, plan), "val_loss.png": val_loss_figure(records, plan),
+               "loss_per_dataset.png": per_dataset_figure(records, plan, lambda r: r.loss_per_dataset,
+                                                          "Training loss per dataset", "loss (nats/token)"),
+               "val_bpb.png": per_dataset_figure(records, plan, lambda r: r.eval and r.eval.bpb_per_dataset,
+                                                 "Validation bits per byte per dataset", "bits per byte", "o")}
     written = []
     for name, fig in figures.items():
         if fig is not None:

@@ -54,7 +54,8 @@ def test_run_dir_contract(runs):
     assert [round(e.value, 5) for e in events.Scalars("train/loss")] == [round(r["loss"], 5) for r in records]
     resolved = yaml.safe_load((runs["single"] / "config.resolved.yaml").read_text())
     assert resolved["data"]["phases"]["code"]["tokens"] == STEPS_PER_PHASE * BATCH * SEQ
-    assert {p.name for p in runs["single"].glob("*.png")} == {"blend.png", "loss.png", "val_loss.png"}
+    assert {p.name for p in runs["single"].glob("*.png")} == {"blend.png", "loss.png", "val_loss.png",
+                                                              "loss_per_dataset.png", "val_bpb.png"}
     ops = (runs["single"] / "profile" / "ops_rank0.txt").read_text()  # train.profile_steps=[11,12]
     assert "aten::mm" in ops and "step 11" in ops and "step 12" in ops and "step 13" not in ops
     trace = json.loads((runs["single"] / "profile" / "trace_rank0.json").read_text())
