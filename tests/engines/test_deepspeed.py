@@ -79,7 +79,8 @@ STEPS_PER_PHASE = 4
 @pytest.mark.slow
 def test_tiny_curriculum_trains_through_phases(tmp_path, tiny_data):
     tokens = STEPS_PER_PHASE * 16 * 128  # the tiny config's global batch x sequence
-    short = [a for p in PHASES for a in ("--set", f"data.phases.{p}.tokens={tokens}")]
+    short = [a for p in PHASES for a in ("--set", f"data.phases.{p}.tokens={tokens}",
+                                         "--set", f"data.phases.{p}.lr.warmup_steps=2")]  # within the phase
     out = subprocess.run(
         [sys.executable, "-m", "megacrystal", "train", "--config", TINY_YAML, "--set", "engine=deepspeed",
          "--set", "deepspeed.zero_stage=2", "--set", f"run.dir={tmp_path}", "--set", "train.threads=1",
