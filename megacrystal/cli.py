@@ -198,3 +198,6 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:  # one line, from one rank
             print(f"megacrystal: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`megacrystal info ... | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not raise again
+        return 141

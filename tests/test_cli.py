@@ -193,3 +193,12 @@ def test_a_resumed_run_prints_nothing_on_stderr(synthetic_config, tmp_path):
     resumed = megacrystal(*run, "--set", "train.steps=3")  # loads through torch.distributed.checkpoint
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
     assert resumed.stderr == "", resumed.stderr
+
+
+def test_a_closed_stdout_pipe_is_no_traceback():
+    """`megacrystal info ... | head -1`: the reader is gone before the command prints (its read end closed)."""
+    proc = subprocess.Popen([sys.executable, "-m", "megacrystal", "info", "--config", "configs/crystal-7b.yaml"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err == "", err
