@@ -37,6 +37,19 @@ def _keep(values: Mapping[str, Any], filters: Mapping[str, Sequence[str]]) -> bo
     return all(values.get(f) in allowed for f, allowed in filters.items())
 
 
+def _take(out, where: str, text, reason: str | None, kept) -> None:
+    """Count one record as bad, filtered out or blank, or keep its text; `kept()` applies the metadata filters."""
+    if reason:
+        out.bad.append((where, reason))
+    elif not kept():
+        out.filtered += 1
+    elif not text.strip():
+        out.blank += 1
+    else:
+        out.texts.append(text)
+        out.where.append(where)
+
+
 def _text_or_reason(value: Any, text_field: str) -> tuple[str | None, str | None]:
     if value is None:
         return None, f"no field '{text_field}'"
@@ -64,16 +77,8 @@ def parse_batch(batch: Batch, text_field: str, filters: Mapping[str, Sequence[st
             if not isinstance(record, dict):
                 out.bad.append((where, f"a JSON {type(record).__name__}, not an object"))
                 continue
-            text, reason = _text_or_reason(get_field(record, text_field), text_field)
-            if reason:
-                out.bad.append((where, reason))
-            elif filters and not _keep({f: get_field(record, f) for f in filters}, filters):
-                out.filtered += 1
-            elif not text.strip():
-                out.blank += 1
-            else:
-                out.texts.append(text)
-                out.where.append(where)
+            _take(out, where, *_text_or_reason(get_field(record, text_field), text_field),
+                  lambda: not filters or _keep({f: get_field(record, f) for f in filters}, filters))
     elif batch.kind == "text":
         names = (batch.extra or {}).get("files") or [batch.file] * len(batch.items)
         for name, raw in zip(names, batch.items):
@@ -93,16 +98,8 @@ def parse_batch(batch: Batch, text_field: str, filters: Mapping[str, Sequence[st
     else:  # column
         for i, value in enumerate(batch.items):
             where = f"{batch.file}:row {batch.first + i}"
-            text, reason = _text_or_reason(value, text_field)
-            if reason:
-                out.bad.append((where, reason))
-            elif filters and not _keep({f: batch.extra[f][i] for f in filters}, filters):
-                out.filtered += 1
-            elif not text.strip():
-                out.blank += 1
-            else:
-                out.texts.append(text)
-                out.where.append(where)
+            _take(out, where, *_text_or_reason(value, text_field),
+                  lambda: not filters or _keep({f: batch.extra[f][i] for f in filters}, filters))
     if batch.error:
         line = batch.first + len(batch.items)
         where = batch.file if batch.kind == "text" else \
