@@ -107,8 +107,11 @@ def _train(config: Config, args: argparse.Namespace) -> int:
     except RuntimeError as err:  # a collective failed: another rank (or its node) died
         if args.debug or not _peer_lost(err):
             raise
+        limit = os.environ.get("MEGACRYSTAL_DIST_TIMEOUT_S")
+        cause = f"a peer stopped answering for {limit} s (MEGACRYSTAL_DIST_TIMEOUT_S)" \
+            if limit and "timeout" in str(err).lower() else "another rank or its node died"
         print(f"megacrystal: error: rank {os.environ.get('RANK', '0')} lost a peer rank "
-              f"({' '.join(str(err).split())[:200]}): another rank or its node died, see its log; "
+              f"({' '.join(str(err).split())[:200]}): {cause}, see its log; "
               f"{_latest_checkpoint(config)}; relaunch to resume from it", file=sys.stderr)
         return 1
     return 0

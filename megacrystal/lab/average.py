@@ -14,6 +14,7 @@ import torch
 from ..checkpoint.errors import CheckpointError
 from ..checkpoint.store import CheckpointStore
 from ..config import ConfigError
+from ..config.arguments import positive_int
 
 
 def phase_checkpoints(root: str | Path, phase: str, last: int) -> list[Path]:
@@ -56,7 +57,7 @@ def register(subparsers) -> None:
     p.add_argument("paths", nargs="*", help="checkpoint directories to average (or use --checkpoints/--phase)")
     p.add_argument("--checkpoints", help="a run's checkpoint directory, with --phase and --last")
     p.add_argument("--phase", help="the phase whose last checkpoints are averaged")
-    p.add_argument("--last", type=int, default=3, help="how many of the phase's newest checkpoints (default 3)")
+    p.add_argument("--last", type=positive_int, default=3, help="how many of the phase's newest checkpoints (default 3)")
     p.add_argument("--out", required=True, help="Hugging Face directory to write")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     p.set_defaults(handler=_average)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
+from ..config.arguments import nonnegative_int, positive_int
 
 
 def register(subparsers) -> None:
@@ -24,9 +25,9 @@ def register(subparsers) -> None:
     s = p.add_argument_group("SLURM (render one job per variant and an array job instead of training here)")
     s.add_argument("--slurm", action="store_true", help="write <out>/slurm/variant-*.sbatch and array.sbatch")
     s.add_argument("--submit", action="store_true", help="with --slurm: sbatch the array job")
-    s.add_argument("--nodes", type=int, default=1)
-    s.add_argument("--gpus-per-node", type=int, default=0)
-    s.add_argument("--cpus-per-node", type=int, default=None)
+    s.add_argument("--nodes", type=positive_int, default=1)
+    s.add_argument("--gpus-per-node", type=nonnegative_int, default=0)
+    s.add_argument("--cpus-per-node", type=positive_int, default=None)
     s.add_argument("--partition")
     s.add_argument("--time")
     s.add_argument("--account")

@@ -60,7 +60,7 @@ def test_slurm_renders_one_script_per_variant_and_an_array(tmp_path):
 
     grid = load_grid(LAB / "code-fraction-grid.yaml")
     template = SlurmJob(config=str(grid.base), nodes=1, gpus_per_node=0, cpus_per_node=2, partition="debug",
-                        python="/opt/venv/bin/python")
+                        python="/opt/venv/bin/python", check=False)  # paths only the nodes see
     scripts = render_grid(grid, tmp_path, template, "megacrystal ablate ...")
     assert sorted(scripts) == ["array.sbatch", *sorted(f"variant-{v.name}.sbatch" for v in grid.variants)]
     for v in grid.variants:

@@ -159,7 +159,6 @@ def test_cpu_nodes_run_one_process_per_requested_cpu_or_per_allocated_cpu(monkey
     (["--gpus-per-node", "8", "--set", "parallel.tp=3"], "parallel.tp: 3 does not divide"),
     (["--gpus-per-node", "3"], "world size 6 is not divisible by tp x pp = 8"),  # 2 nodes x 3 for tp 2 x pp 4
     (["--gpus-per-node", "8", "--job-name", "my job"], "--job-name: 'my job' has characters"),
-    (["--gpus-per-node", "8", "--signal-before", "0"], "--signal-before: 0"),
     (["--gpus-per-node", "8", "--sbatch", "qos=high"], "--sbatch 'qos=high'"),
     (["--gpus-per-node", "8", "--set", "checkpoint.stop_signals=[SIGTERM]"], "lacks SIGUSR1"),
 ])

@@ -17,6 +17,7 @@ import pytest
 from megacrystal.config import load_config
 from megacrystal.data import indexed
 from megacrystal.data.pipeline import data_dir, open_streams
+from megacrystal.data.prepare import train_bins
 from megacrystal.data.tokenizer import CrystalTokenizer
 from megacrystal.schedule.from_config import plan_for
 from tests.helpers.ranks import run_on_ranks
@@ -104,7 +105,14 @@ def test_training_loss_per_dataset_matches_a_recomputation_from_samples(runs):
 
 def _document_texts(config, dataset: str, tokenizer: CrystalTokenizer) -> list[tuple[np.ndarray, str]]:
     """(tokens, text) of every validation document; the tokenizer is lossless, so text is the document's text."""
-    docs = indexed.open_dataset(indexed.split_prefix(data_dir(config) / dataset, "valid"))
+    out = []
+    for bin_path in train_bins(data_dir(config) / dataset, "valid"):  # every shard's validation documents
+        docs = indexed.open_dataset(str(bin_path)[:-len(".bin")])
+        out += _decoded(docs, tokenizer)
+    return out
+
+
+def _decoded(docs, tokenizer: CrystalTokenizer) -> list[tuple[np.ndarray, str]]:
     out = []
     for i in range(len(docs)):
         ids = np.asarray(docs[i], dtype=np.int64)

@@ -84,4 +84,4 @@ def test_max_steps_stops_with_a_checkpoint_and_the_next_run_finishes_the_plan(tm
     rate = sum(r["tokens"] // r["step"] for r in session) / sum(r["step_time_s"] for r in session)
     assert f"wall for 6 steps; {rate:,.0f} tokens/s in steps" in second
     assert {Path(p).name for p in summary[-1].removeprefix("  plots: ").split(", ")} == \
-        {"blend.png", "loss.png", "val_loss.png"}
+        {"blend.png", "loss.png", "val_loss.png", "loss_per_dataset.png", "val_bpb.png"}
