@@ -1,9 +1,10 @@
 """Tokenize a dataset's inputs into numbered megatron shards in one streaming pass with bounded memory.
 
 Each shard (a fixed group of input files) is read, parsed and tokenized in batches by tokenizer threads
-(sentencepiece encodes without the GIL, so no text or token array is pickled), split into train/valid per document by a hash of its content, and written atomically;
-a complete shard whose inputs, tokenizer and options are unchanged is skipped, so a killed run resumes where
-it stopped and `--shard-index i --num-shards n` splits the work over machines. No torch is imported here.
+(sentencepiece encodes without the GIL, so no text or token array is pickled), split into train/valid per
+document by a hash of its content, and written atomically; a complete shard whose inputs, tokenizer and options
+are unchanged is skipped, so a killed run resumes where it stopped and `--shard-index i --num-shards n` splits
+the work over machines. No torch is imported here.
 """
 from __future__ import annotations
 

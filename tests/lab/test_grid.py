@@ -85,6 +85,7 @@ def test_slurm_renders_one_script_per_variant_and_an_array(tmp_path):
         assert f"--set run.dir={tmp_path.resolve() / v.name}" in text
         assert "--set 'data.phases.stable.weights={" in text and "--resume auto" in text
         assert "#SBATCH --partition=debug" in text and "#SBATCH --cpus-per-task=2" in text
+        assert f'mark_done("{tmp_path.resolve() / v.name}", "{v.name}", [' in text  # after training finished
     array = scripts["array.sbatch"]
     assert "#SBATCH --array=0-3" in array and "#SBATCH --partition=debug" in array
     assert "SCRIPTS=(variant-code-00.sbatch variant-code-25.sbatch variant-code-50.sbatch variant-code-75.sbatch)" \
