@@ -208,26 +208,32 @@ def _plot(path: Path, best: dict) -> None:
     plt.close(fig)
 
 
-def stdlib_jsonl(path: Path, max_bytes: int) -> Path:
-    """A JSONL of this machine's Python standard library sources (real code), up to max_bytes of text."""
+def python_sources_jsonl(path: Path, max_bytes: int, repeat: int = 1) -> Path:
+    """A JSONL of this machine's Python sources (real code: the standard library, then the installed packages, in
+    sorted order), one non-blank file a document, until max_bytes of UTF-8 text; the whole of it `repeat` times
+    (a larger input of the same documents). The benchmarks in docs/benchmarks/ name their arguments."""
     import sysconfig
 
-    root = Path(sysconfig.get_paths()["stdlib"])
+    roots = [Path(sysconfig.get_paths()[key]) for key in ("stdlib", "purelib")]
     total = 0
-    with path.open("w", encoding="utf-8") as fh:
-        while total < max_bytes:  # repeat the library when more is asked than it holds
-            before = total
-            for src in sorted(root.rglob("*.py")):
-                try:
-                    text = src.read_text(encoding="utf-8")
-                except (UnicodeDecodeError, OSError):
-                    continue
-                fh.write(json.dumps({"text": text}) + "\n")
-                total += len(text)
-                if total >= max_bytes:
-                    break
-            if total == before:
+    lines = []
+    for root in roots:
+        for src in sorted(root.rglob("*.py")):
+            try:
+                text = src.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            if not text.strip():
+                continue
+            lines.append(json.dumps({"text": text}) + "\n")
+            total += len(text.encode())
+            if total >= max_bytes:
                 break
+        if total >= max_bytes:
+            break
+    with path.open("w", encoding="utf-8") as fh:
+        for _ in range(repeat):
+            fh.writelines(lines)
     return path
 
 
@@ -235,9 +241,11 @@ def register(subparsers) -> None:
     """Add `megacrystal bench-prepare`."""
     p = subparsers.add_parser("bench-prepare", help="benchmark prepare against Megatron-LM's preprocess_data.py "
                                                     "and sentencepiece's in-memory encode")
-    p.add_argument("--input", help="JSONL with a `text` field (default: the Python stdlib sources, --mb MB)")
-    p.add_argument("--mb", type=positive_float, default=20.0, help="size of the default input in MB (default 20)")
-    p.add_argument("--tokenizer", help="sentencepiece .model (default: train a 2000-piece BPE on the input)")
+    p.add_argument("--input", help="JSONL with a `text` field (default: this machine's Python sources, --mb MB)")
+    p.add_argument("--mb", type=positive_float, default=20.0, help="text in the default input in MB (default 20)")
+    p.add_argument("--repeat", type=positive_int, default=1, help="write the default input this many times over")
+    p.add_argument("--tokenizer", help="sentencepiece .model (default: train a --vocab BPE on the input)")
+    p.add_argument("--vocab", type=positive_int, default=32000, help="pieces of the default tokenizer (32000)")
     p.add_argument("--workers", type=positive_int, default=2)
     p.add_argument("--rounds", type=positive_int, default=2)
     p.add_argument("--megatron", help="a Megatron-LM source tree (with tools/preprocess_data.py; needs six, regex)")
@@ -261,13 +269,13 @@ def _main(args) -> int:
         if not jsonl.is_file():
             raise DataError(f"--input {jsonl} does not exist")
     else:
-        jsonl = stdlib_jsonl(out / "input.jsonl", int(args.mb * 1e6))
+        jsonl = python_sources_jsonl(out / "input.jsonl", int(args.mb * 1e6), args.repeat)
     if args.tokenizer:
         model = Path(args.tokenizer)
     else:
         from ..data.tokenizer import train_tokenizer
 
-        model = train_tokenizer([jsonl], out / "tokenizer", 2000, max_sentences=200_000)
+        model = train_tokenizer([jsonl], out / "tokenizer", args.vocab, max_sentences=1_000_000, num_threads=2)
     report = run(jsonl, model, out, args.workers, args.rounds, Path(args.megatron) if args.megatron else None,
                  args.dedup, tuple(filter(None, args.skip.split(","))))
     shutil.rmtree(out / "work", ignore_errors=True)

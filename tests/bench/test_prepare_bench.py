@@ -2,12 +2,12 @@
 which CI does not have): every side runs, token counts agree, the report and plot are written."""
 import json
 
-from megacrystal.bench.prepare_bench import run, stdlib_jsonl
+from megacrystal.bench.prepare_bench import python_sources_jsonl, run
 from megacrystal.data.tokenizer import train_tokenizer
 
 
 def test_bench_prepare_small(tmp_path):
-    jsonl = stdlib_jsonl(tmp_path / "input.jsonl", 300_000)
+    jsonl = python_sources_jsonl(tmp_path / "input.jsonl", 300_000)
     model = train_tokenizer([jsonl], tmp_path / "tok", 400)
     report = run(jsonl, model, tmp_path / "out", workers=2, rounds=1, megatron=None, dedup="exact")
     best = report["best"]
