@@ -1,17 +1,26 @@
 """Online mixing in real training runs on the tiny curriculum (text fixed, mixed by DoReMi's rule, code by ODM's):
 
 - 1 process, DP=2 and TP=2 give the same weights and losses (to 1e-5; the weights are equal outright);
-- stopping at train.max_steps mid-window and resuming, twice, reproduces the uninterrupted run bit for bit;
+- stopping at train.max_steps mid-window and resuming, twice, and a SIGKILL of the CLI mid-run and its rerun
+  from the last checkpoint, reproduce the uninterrupted run bit for bit;
 - the weights are logged per step and plotted, and every segment's draws stay exact.
 """
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.ranks import run_on_ranks
-from tests.train.online_runs import train_sessions
+from tests.train.online_runs import TINY, train_sessions
+
+ROOT = Path(__file__).resolve().parents[2]
 
 STEP = 8 * 32  # tokens per step at the shape below
 STEPS = {"text": 2, "mixed": 12, "code": 6}
@@ -34,6 +43,30 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return path.read_text().count("\n") if path.is_file() else 0
+
+
+def _killed_and_rerun(run_dir: Path, overrides: list[str]) -> str:
+    """Run the CLI with a checkpoint every 5 steps, SIGKILL its session once step 11 is logged (the last
+    checkpoint then holds step 10: mid-window in mixed), rerun the same command; return the rerun's stdout."""
+    sets = [a for o in [f"run.dir={run_dir}", *overrides, "checkpoint.interval=5"] for a in ("--set", o)]
+    command = [sys.executable, "-m", "megacrystal", "train", "--config", TINY, *sets]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while _logged(run_dir) < 11:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "the run did not reach step 11"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run's own session: it and any helper it started
+    proc.communicate()
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    return rerun.stdout
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_data):
     root = tmp_path_factory.mktemp("online")
@@ -45,7 +78,8 @@ def runs(tmp_path_factory, tiny_data):
         (str(root / "stopped"), [*base, "train.max_steps=15"]),
         (str(root / "stopped"), base)])[0]
     pair = run_on_ranks(train_sessions, 2, [(str(root / name), [*base, *extra]) for name, extra in LAYOUTS.items()])
-    return {"root": root, "single": single, "pair": pair}
+    killed = _killed_and_rerun(root / "killed", base)
+    return {"root": root, "single": single, "pair": pair, "killed": killed}
 
 
 def test_weights_move_and_are_logged_plotted_and_exact(runs):
@@ -59,7 +93,8 @@ def test_weights_move_and_are_logged_plotted_and_exact(runs):
     assert len({json.dumps(w) for w in mixed}) == 4 and len({json.dumps(w) for w in code}) == 3  # every update moved
     assert all(w == mixed[3 * (k // 3)] for k, w in enumerate(mixed)) and \
         all(w == code[2 * (k // 2)] for k, w in enumerate(code))
-    assert all(sum(w.values()) == 1 and all((v * 1024).is_integer() for v in w.values()) for w in weights[5:])
+    assert code[0] == {"python": 0.6, "web": 0.3, "prose": 0.1}  # each online phase starts from its own weights
+    assert all(sum(w.values()) == 1 and all((v * 1024).is_integer() for v in w.values()) for w in mixed[3:] + code[2:])
     assert (root / "single" / "blend_weights.png").stat().st_size > 0
     # Every segment stays within one sample of its weights; segments add up to each phase's realized blend,
     # and the cursors' counts to the samples each step logged.
@@ -96,6 +131,14 @@ def test_stop_and_resume_reproduce_the_run_bit_for_bit(runs):
     sessions = runs["single"][1:]
     assert [[step for step, _, _ in s] for s in sessions] == [list(range(1, 10)), list(range(10, 16)),
                                                                  list(range(16, 21))]
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_bit_for_bit(runs):
+    resumed = int(re.search(r"resumed from \S+ at step (\d+)", runs["killed"]).group(1))
+    assert resumed in (10, 15)  # the last checkpoint before the kill, taken mid-window
+    killed, single = _records(runs["root"] / "killed"), _records(runs["root"] / "single")
+    for key in ("step", "loss", "blend_weights", "loss_per_dataset", "samples", "consumed_tokens", "grad_norm"):
+        assert [r.get(key) for r in killed] == [r.get(key) for r in single], key
 
 
 def test_layouts_give_the_same_weights_and_losses(runs):
