@@ -74,7 +74,8 @@ class StepRecord:
     log_time_s: float = 0.0  # writing the previous step's record and progress line (between steps)
     version: int = SCHEMA_VERSION
 
-    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"loss_per_dataset", "blend_weights", "events"})  # left out of the JSON when None
+    # left out of the JSON when None
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"loss_per_dataset", "blend_weights", "events"})
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of this step (a fresh dict; nested dicts are shared, not copied)."""

@@ -45,7 +45,8 @@ def reference_run(spec: MixingSpec, initial: dict, windows: list[dict]) -> list[
             loss, tokens = window.get(d, (0.0, 0.0))
             if tokens:
                 mean = loss / tokens
-                smoothed[i] = mean if np.isnan(smoothed[i]) else spec.smoothing * smoothed[i] + (1 - spec.smoothing) * mean
+                before = smoothed[i]
+                smoothed[i] = mean if np.isnan(before) else spec.smoothing * before + (1 - spec.smoothing) * mean
                 if np.isnan(ref[i]):
                     ref[i] = smoothed[i]
         excess = np.nan_to_num(smoothed - ref, nan=0.0)

@@ -1,6 +1,6 @@
 """Online mixing in real training runs on the tiny curriculum (text fixed, mixed by DoReMi's rule, code by ODM's):
 
-- 1 process, DP=2 and TP=2 give the same weights and losses (to 1e-5; the weights are equal outright);
+- 1 process, DP=2, TP=2 and PP=2 give the same weights and losses (to 1e-5; the weights are equal outright);
 - stopping at train.max_steps mid-window and resuming, twice, and a SIGKILL of the CLI mid-run and its rerun
   from the last checkpoint, reproduce the uninterrupted run bit for bit;
 - the weights are logged per step and plotted, and every segment's draws stay exact.
@@ -34,7 +34,7 @@ OVERRIDES = [
     "data.phases.code.mixing.rule=exp3", "data.phases.code.mixing.every=2", "data.phases.code.mixing.eta=2",
     "data.phases.code.mixing.reference=none", "data.phases.code.mixing.smoothing=0.5",
 ]
-LAYOUTS = {"dp2": [], "tp2": ["parallel.tp=2"]}
+LAYOUTS = {"dp2": [], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"]}
 
 pytestmark = pytest.mark.slow
 
