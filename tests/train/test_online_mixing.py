@@ -53,15 +53,16 @@ def _killed_and_rerun(run_dir: Path, overrides: list[str]) -> str:
     checkpoint then holds step 10: mid-window in mixed), rerun the same command; return the rerun's stdout."""
     sets = [a for o in [f"run.dir={run_dir}", *overrides, "checkpoint.interval=5"] for a in ("--set", o)]
     command = [sys.executable, "-m", "megacrystal", "train", "--config", TINY, *sets]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    log = run_dir.parent / f"{run_dir.name}.stderr"  # a file, not a pipe nobody drains while it runs
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
     deadline = time.time() + 300
     while _logged(run_dir) < 11:
-        assert proc.poll() is None, proc.stderr.read()
+        assert proc.poll() is None, log.read_text()
         assert time.time() < deadline, "the run did not reach step 11"
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the run's own session: it and any helper it started
-    proc.communicate()
+    proc.wait()
     rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     return rerun.stdout
