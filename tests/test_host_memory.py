@@ -36,3 +36,29 @@ def test_a_warm_step_reuses_freed_pages_instead_of_faulting_them_back_in():
     assert tuned == "True" and faults < pages // 100
     untuned, faults = _probe(MEGACRYSTAL_SYSTEM_MALLOC="1")
     assert untuned == "False" and faults > pages // 2  # glibc's default: every page faulted in again
+
+
+_TRIM_PROBE = """
+import sys
+from megacrystal.host_memory import keep_freed_memory, release_freed_memory
+keep_freed_memory()  # as the CLI runs: freed blocks stay in the heap until trimmed
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+blocks = [bytearray(64 * 1024) for _ in range(4000)]  # ~250 MB of heap blocks
+keep = blocks[-1]  # pins the heap's top, so only a trim of the middle can give memory back
+del blocks
+before = rss_mb()
+if sys.argv[1] == "trim":
+    release_freed_memory()
+print(before - rss_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim")
+def test_release_freed_memory_gives_freed_heap_pages_back():
+    def released(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", _TRIM_PROBE, mode], capture_output=True, text=True, check=True)
+        return float(out.stdout)
+
+    assert released("trim") > 200  # MB handed back
+    assert released("none") < 10  # the negative control: without the trim they stay

@@ -81,7 +81,7 @@ class DataSection(Section):
     renormalize: bool = False  # scale each phase's weights to sum 1 instead of rejecting them
     corpus_max_bytes: int = Field(3_000_000, gt=0)  # per domain of the embedded corpus
     valid_fraction: float = Field(0.01, ge=0, lt=1)
-    workers: int = Field(2, ge=1)  # tokenizer processes in `megacrystal prepare`
+    workers: int = Field(2, ge=1)  # tokenizer threads in `megacrystal prepare` (and dedup processes)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)  # bad records skipped (and reported) up to this share
     shard_bytes: int = Field(256 << 20, gt=0)  # input bytes per output shard of `megacrystal prepare`
     dedup: Literal["none", "exact", "near"] = "none"  # across the datasets of the blend; near includes exact

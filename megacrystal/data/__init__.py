@@ -1,6 +1,6 @@
 """Tokenizer, embedded corpus, preprocessing into indexed datasets, FIM.
 
-Kept import-light on purpose: submodules such as `prepare` pull in megatron-core, so import them directly.
+Kept import-light on purpose (the prepare path imports no torch): import the submodules directly.
 """
 
 from megacrystal.data.errors import DataError

@@ -87,7 +87,8 @@ def dedup_datasets(specs: Mapping[str, tuple[Sequence[str], dict]], out_dir: Pat
                    threshold: float = 0.8, ngram: int = 13, workers: int = 1,
                    extensions: Sequence[str] | None = None, progress: bool = True) -> dict:
     """{dataset: (frozenset of dropped locations, their fingerprint, counts)} over the datasets in order."""
-    from megacrystal.data.prepare import DEFAULT_EXTENSIONS, Pool
+    from megacrystal.data.prepare import DEFAULT_EXTENSIONS
+    from megacrystal.data.workers import ProcessPool
 
     extensions = tuple(extensions or DEFAULT_EXTENSIONS)
     files = {n: expand_inputs(inputs, extensions) for n, (inputs, _) in specs.items()}
@@ -112,7 +113,7 @@ def dedup_datasets(specs: Mapping[str, tuple[Sequence[str], dict]], out_dir: Pat
         filters = {k: tuple(v) for k, v in kw["filters"].items()}
         initargs = (kw["text_field"], filters, ngram, near)
         _init(*initargs)
-        pool = Pool(workers, _signatures, _init, initargs)
+        pool = ProcessPool(workers, _signatures, _init, initargs)
         bar = Progress(f"dedup {name}", sum(f["bytes"] for f in listing[name]), enabled=progress)
         drops, exact, nearby, docs = [], 0, 0, 0
         try:

@@ -1,20 +1,19 @@
 """Tokenize a dataset's inputs into numbered megatron shards in one streaming pass with bounded memory.
 
-Each shard (a fixed group of input files) is read, parsed and tokenized in batches by worker processes that
-return token arrays, split into train/valid per document by a hash of its content, and written atomically;
-a complete shard whose inputs, tokenizer and options are unchanged is skipped, so a killed run resumes where
-it stopped and `--shard-index i --num-shards n` splits the work over machines. No torch is imported here.
+Each shard (a fixed group of input files) is read, parsed and tokenized in batches by tokenizer threads
+(sentencepiece encodes without the GIL, so no text or token array is pickled), split into train/valid per
+document by a hash of its content, and written atomically; a complete shard whose inputs, tokenizer and options
+are unchanged is skipped, so a killed run resumes where it stopped and `--shard-index i --num-shards n` splits
+the work over machines. No torch is imported here.
 """
 from __future__ import annotations
 
-import collections
 import hashlib
-import itertools
 import json
-import multiprocessing as mp
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -22,12 +21,14 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from megacrystal.data import indexed, shards
+from megacrystal.host_memory import release_freed_memory
 from megacrystal.data.corpus import provenance_path
 from megacrystal.data.errors import DataError
 from megacrystal.data.progress import Progress
 from megacrystal.data.readers import expand_inputs, iter_batches
 from megacrystal.data.records import BadRecords, parse_batch
 from megacrystal.data.tokenizer import CrystalTokenizer
+from megacrystal.data.workers import ThreadPool
 
 FORMAT_VERSION = 2  # bump when the output layout or document rules change, so old datasets are rebuilt
 PREPARE_VERSION = FORMAT_VERSION
@@ -35,6 +36,7 @@ PREPARE_VERSION = FORMAT_VERSION
 DEFAULT_SEED = 45
 DEFAULT_EXTENSIONS = (".py", ".html", ".htm", ".css", ".js", ".mjs", ".ts", ".c", ".h", ".cc", ".cpp", ".java",
                       ".go", ".rs", ".sh", ".md", ".rst", ".txt")
+TRIM_EVERY = 16  # batches between handing freed memory back to the kernel
 LENGTH_BINS = np.array([0, 2**6, 2**7, 2**8, 2**9, 2**10, 2**11, 2**12, 2**13, 2**14, 2**15, 2**16, 2**62])
 
 
@@ -78,71 +80,32 @@ def fingerprint(tokenizer_fp: str, options: dict, listing: Sequence[dict]) -> st
 
 
 # --- the worker side: raw batch in, token arrays out ---------------------------------------------------------
-_W: dict = {}
+class _Tokenize:
+    """Parse, score, drop duplicates and tokenize one batch; run by the tokenizer threads."""
 
+    def __init__(self, tokenizer: CrystalTokenizer, options: Options, drop: frozenset | None):
+        self.tokenizer, self.options, self.drop = tokenizer, options, drop
+        self.dtype = indexed.token_dtype(tokenizer.vocab_size)
+        self.seed = options.seed.to_bytes(8, "little", signed=True)
 
-def _init_worker(tokenizer: CrystalTokenizer, options: Options, drop: frozenset | None) -> None:
-    _W.update(tokenizer=tokenizer, options=options, drop=drop,
-              dtype=indexed.token_dtype(tokenizer.vocab_size), seed=options.seed.to_bytes(8, "little", signed=True))
-
-
-def _process(batch):
-    """Parse, score, drop duplicates and tokenize one batch; return arrays, not per-document objects."""
-    tok, opts = _W["tokenizer"], _W["options"]
-    parsed = parse_batch(batch, opts.text_field, opts.filters)
-    texts, seed = parsed.texts, _W["seed"]
-    encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
-    digests = [hashlib.sha256(seed + b).digest() for b in encoded]
-    removed = 0
-    if _W["drop"]:
-        keep = [w not in _W["drop"] for w in parsed.where]
-        removed = len(keep) - sum(keep)
-        texts = [t for t, k in zip(texts, keep) if k]
-        encoded = [b for b, k in zip(encoded, keep) if k]
-        digests = [d for d, k in zip(digests, keep) if k]
-    ids = tok.encode_many(texts)
-    eos = tok.eos_id
-    for x in ids:  # every document ends with EOS, as Crystal's packed data did
-        x.append(eos)
-    lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
-    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=_W["dtype"], count=int(lengths.sum()))
-    scores = np.array([int.from_bytes(d[:8], "little") / 2.0**64 for d in digests], dtype=np.float64)
-    nbytes = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
-    parsed.texts, parsed.where = [], []
-    return tokens, lengths, scores, nbytes, parsed, removed
-
-
-class Pool:
-    """Ordered results of fn over items in worker processes, at most 2 per worker in flight (bounded memory:
-    `multiprocessing.Pool.imap` reads its whole input ahead)."""
-
-    def __init__(self, workers: int, fn, initializer, initargs: tuple):
-        self.workers, self.fn = workers, fn
-        self._pool = None
-        initializer(*initargs)
-        if workers > 1:
-            # fork: workers inherit the tokenizer without pickling it, and callers need no __main__ guard.
-            ctx = mp.get_context("fork" if sys.platform == "linux" else None)
-            self._pool = ctx.Pool(workers, initializer=initializer, initargs=initargs)
-
-    def map(self, items):
-        """fn(item) for each item, in order."""
-        if self._pool is None:
-            yield from map(self.fn, items)
-            return
-        pending = collections.deque()
-        for item in items:
-            pending.append(self._pool.apply_async(self.fn, (item,)))
-            if len(pending) >= 2 * self.workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-    def close(self) -> None:
-        """Stop the workers."""
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+    def __call__(self, batch):
+        opts = self.options
+        parsed = parse_batch(batch, opts.text_field, opts.filters)
+        texts = parsed.texts
+        removed = 0
+        if self.drop:
+            keep = [w not in self.drop for w in parsed.where]
+            removed = len(keep) - sum(keep)
+            texts = [t for t, k in zip(texts, keep) if k]
+        encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
+        # Each document ends with EOS, as Crystal's packed data did.
+        tokens, lengths = self.tokenizer.encode_documents(texts, self.dtype)
+        seed = self.seed
+        scores = np.array([int.from_bytes(hashlib.sha256(seed + b).digest()[:8], "little") / 2.0**64
+                           for b in encoded], dtype=np.float64)
+        nbytes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        parsed.texts, parsed.where = [], []
+        return tokens, lengths, scores, nbytes, parsed, removed
 
 
 # --- the main side ---------------------------------------------------------------------------------------------
@@ -161,7 +124,7 @@ def _shard_current(shard_prefix: str, fp: str, listing: Sequence[dict]) -> dict 
 
 
 def _build_shard(name: str, shard_prefix: str, files: Sequence[Path], fp: str, listing: list[dict],
-                 pool: Pool, opts: Options, tokenizer: CrystalTokenizer, bad: BadRecords,
+                 pool: ThreadPool, opts: Options, tokenizer: CrystalTokenizer, bad: BadRecords,
                  progress: Progress) -> dict:
     start = time.perf_counter()
     shards.meta_path(shard_prefix).unlink(missing_ok=True)
@@ -169,9 +132,15 @@ def _build_shard(name: str, shard_prefix: str, files: Sequence[Path], fp: str, l
     own = BadRecords(name, bad.max_fraction)
     hist = np.zeros(len(LENGTH_BINS) - 1, dtype=np.int64)
     text_bytes = removed = 0
+    # The inputs' hashes (for the stale-data check) are computed beside the tokenizing, not after it.
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+    digests = [hasher.submit(shards.file_sha256, Path(f["path"])) for f in listing]
+    hasher.shutdown(wait=False)
     try:
         batches = iter_batches(files, opts.text_field, list(opts.filters), opts.extensions)
-        for tokens, lengths, scores, nbytes, parsed, dropped in pool.map(batches):
+        for n, (tokens, lengths, scores, nbytes, parsed, dropped) in enumerate(pool.map(batches), 1):
+            if n % TRIM_EVERY == 0:
+                release_freed_memory()  # keeps peak memory flat over a long shard
             out.add(tokens, lengths, scores < opts.valid_fraction, scores)
             own.add(parsed)
             bad.add(parsed)
@@ -185,7 +154,7 @@ def _build_shard(name: str, shard_prefix: str, files: Sequence[Path], fp: str, l
         out.abort()
         raise
     sw = out.splits
-    meta = {"fingerprint": fp, "files": [dict(f, sha256=shards.file_sha256(Path(f["path"]))) for f in listing],
+    meta = {"fingerprint": fp, "files": [dict(f, sha256=d.result()) for f, d in zip(listing, digests)],
             "splits": {s: {"documents": w.documents, "tokens": w.tokens} for s, w in sw.items()},
             "text_bytes": text_bytes, "records": own.as_dict(), "duplicates_removed": removed,
             "length_histogram": hist.tolist(), "seconds": round(time.perf_counter() - start, 3)}
@@ -293,7 +262,7 @@ def prepare_dataset(name: str, inputs: Sequence[str | os.PathLike], tokenizer: C
         bad.merge(m["records"])
     total_bytes = sum(listing[j]["bytes"] for i in mine for j in groups[i])
     bar = Progress(f"prepare {name}", total_bytes, enabled=progress)
-    pool = Pool(workers, _process, _init_worker, (tokenizer, opts, drop)) if mine else None
+    pool = ThreadPool(workers, _Tokenize(tokenizer, opts, drop)) if mine else None
     try:
         for i in mine:
             done[i] = _build_shard(name, prefixes[i], [files[j] for j in groups[i]], fps[i],

@@ -10,8 +10,9 @@ from ..config.arguments import nonnegative_int, positive_int
 
 def add_prepare_args(parser: argparse.ArgumentParser) -> None:
     """--workers, --shard-index/--num-shards, --force and --slurm-array."""
-    parser.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default data.workers)")
-    parser.add_argument("--shard-index", type=nonnegative_int, default=0, help="this process's part of the shards (0-based)")
+    parser.add_argument("--workers", type=positive_int, default=None, help="tokenizer threads (default data.workers)")
+    parser.add_argument("--shard-index", type=nonnegative_int, default=0,
+                        help="this process's part of the shards (0-based)")
     parser.add_argument("--num-shards", type=positive_int, default=1,
                         help="split the shards over this many processes or machines (each takes every n-th)")
     parser.add_argument("--force", action="store_true", help="rebuild shards even if they are complete")

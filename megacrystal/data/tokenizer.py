@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import sentencepiece as spm
 
 from megacrystal.data.errors import DataError
@@ -128,6 +129,17 @@ class CrystalTokenizer:
         """Encode a batch of texts in one call into sentencepiece (same ids as `encode` on each); one thread by
         default because callers parallelize with processes (sentencepiece's default uses every core)."""
         return self._sp.encode(list(texts), out_type=int, num_threads=num_threads) if texts else []
+
+    def encode_documents(self, texts: Sequence[str], dtype) -> tuple[np.ndarray, np.ndarray]:
+        """Encode a batch as documents: one `dtype` array of every text's ids followed by EOS, and the lengths
+        (EOS included). sentencepiece's numpy output skips building a Python int per token."""
+        if not texts:
+            return np.zeros(0, dtype), np.zeros(0, np.int32)
+        arrays = self._sp.encode(list(texts), return_type="numpy", num_threads=1)
+        eos = np.array([self.eos_id], np.int32)
+        lengths = np.fromiter((a.size + 1 for a in arrays), np.int32, len(arrays))
+        tokens = np.concatenate([x for a in arrays for x in (a, eos)], dtype=dtype, casting="unsafe")
+        return tokens, lengths
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids to text; special ids become their strings, padding ids (unused rows) become nothing."""

@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     s.add_argument("--partition")
     s.add_argument("--time")
     s.add_argument("--account")
+    s.add_argument("--no-check", action="store_true",
+                   help="skip the checks on this host (paths, torch) when only the nodes see them")
     p.set_defaults(handler=_ablate)
     from .average import register as register_average
 
@@ -53,7 +55,7 @@ def _ablate(args) -> int:
 
         template = SlurmJob(config=str(grid.base), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                             cpus_per_node=args.cpus_per_node, partition=args.partition, time=args.time,
-                            account=args.account, python=sys.executable)
+                            account=args.account, python=sys.executable, check=not args.no_check)
         command = "megacrystal " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         directory = write_scripts(render_grid(grid, out, template, command), out)
         print(f"wrote {len(grid.variants)} variant scripts and {directory / 'array.sbatch'}")

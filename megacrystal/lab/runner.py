@@ -38,6 +38,14 @@ def is_done(out: Path, variant: Variant) -> bool:
     return (run_dir(out, variant) / DONE).is_file()
 
 
+def mark_done(where: str | Path, name: str, overrides: list[str], seconds: float) -> None:
+    """Record (atomically) that a variant's trainer finished; here after a local run, or by its SLURM job."""
+    where = Path(where)
+    tmp = where / (DONE + ".tmp")
+    tmp.write_text(json.dumps({"variant": name, "overrides": overrides, "seconds": seconds}, indent=1))
+    os.replace(tmp, where / DONE)
+
+
 def _say(text: str) -> None:
     print(f"[ablate] {text}", flush=True)
 
@@ -112,10 +120,7 @@ def run_grid(grid: Grid, out: str | Path, python: str = sys.executable) -> list[
             raise ConfigError(f"variant {variant.name}: training exited {rc}; see {where / 'train.log'} "
                               "(rerun `megacrystal ablate` to resume it)")
         seconds = time.perf_counter() - started
-        tmp = where / (DONE + ".tmp")
-        tmp.write_text(json.dumps({"variant": variant.name, "overrides": list(variant.overrides),
-                                   "seconds": seconds}, indent=1))
-        os.replace(tmp, where / DONE)
+        mark_done(where, variant.name, list(variant.overrides), seconds)
         _say(f"{head}: done in {seconds:.0f}s")
         trained.append(variant.name)
     return trained

@@ -2,6 +2,7 @@
 variant's overrides and run directory), and an array job whose task i runs variant i's script."""
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
@@ -15,8 +16,14 @@ def variant_job(grid: Grid, out: Path, index: int, template: SlurmJob) -> SlurmJ
     variant = grid.variants[index]
     where = run_dir(out, variant).resolve()
     overrides = [*template.overrides, *variant.overrides, f"run.dir={where}", f"checkpoint.dir={where / 'checkpoints'}"]
+    # Finished is what `ablate --report-only` and a rerun look for; $SECONDS is the batch script's run time.
+    mark = (f"from megacrystal.lab.runner import mark_done; "
+            f"mark_done({json.dumps(str(where))}, {json.dumps(variant.name)}, {json.dumps(list(variant.overrides))}, "
+            f"float(sys.argv[1]))")  # JSON literals are Python literals, and shell-quote cleanly
+    on_success = f"{shlex.quote(template.python)} -c {shlex.quote('import sys; ' + mark)} \"$SECONDS\""
     return resolve(SlurmJob(**{**template.__dict__, "config": str(grid.base.resolve()), "overrides": overrides,
-                               "job_name": f"{grid.name}-{variant.name}", "log_dir": str(where / "slurm")}))
+                               "job_name": f"{grid.name}-{variant.name}", "log_dir": str(where / "slurm"),
+                               "on_success": on_success}))
 
 
 def render_grid(grid: Grid, out: Path, template: SlurmJob, command: str = "") -> dict[str, str]:

@@ -44,6 +44,7 @@ class SlurmJob:
     nccl_socket_ifname: str | None = None  # NCCL_SOCKET_IFNAME for the trainers (default: NCCL picks)
     nccl_ib_hca: str | None = None  # NCCL_IB_HCA (default: NCCL picks)
     check: bool = True  # check paths and the job's torch on this host (off: only the nodes see them)
+    on_success: str = ""  # a shell command the batch script runs once training has finished (exit 0)
     cuda_device_max_connections: bool = False  # set by resolve(): TP comm overlap wants CUDA_DEVICE_MAX_CONNECTIONS=1
 
     @property
@@ -140,6 +141,7 @@ def render(job: SlurmJob, command: str = "") -> str:
         "SRUN_OPTS": f" --gpus-per-node={job.gpus_per_node} --cpu-bind=none" if job.gpus_per_node else "",
         "CPU_BIND": job.cpu_bind or "",
         "ENV": _environment(job),
+        "ON_SUCCESS": f"    {job.on_success}\n" if job.on_success else "",
     }
     text = re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: values[m.group(1)], TEMPLATE.read_text())
     return text

@@ -133,3 +133,18 @@ def test_load_and_train_errors(tmp_path):
     (tmp_path / "tiny.txt").write_text("ab\n")
     with pytest.raises(DataError, match="smaller vocab_size"):
         train_tokenizer([tmp_path / "tiny.txt"], tmp_path / "t", 5000)
+
+
+@pytest.mark.parametrize("padded", [None, 70_000])  # uint16 and int32 token files
+def test_encode_documents_equals_encode_plus_eos(tok, padded):
+    from megacrystal.data.indexed import token_dtype
+
+    t = tok if padded is None else CrystalTokenizer.load(tok.source, padded_vocab_size=padded)
+    texts = stdlib_text(3).split("\n\n\n") + ["x", "é ünïcode ✓"]
+    dtype = token_dtype(t.vocab_size)
+    tokens, lengths = t.encode_documents(texts, dtype)
+    expected = [i for text in texts for i in t.encode(text) + [t.eos_id]]
+    assert tokens.dtype == dtype and tokens.tolist() == expected
+    assert lengths.tolist() == [len(t.encode(text)) + 1 for text in texts]
+    empty_tokens, empty_lengths = t.encode_documents([], dtype)
+    assert empty_tokens.size == 0 and empty_lengths.size == 0

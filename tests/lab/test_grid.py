@@ -30,6 +30,22 @@ def test_shipped_grids_load_and_set_their_blends():
                for v in text_only)
 
 
+def test_slimpajama_sources_grid_keeps_the_natural_ratios():
+    grid = load_grid(LAB / "slimpajama-sources-grid.yaml")
+    weights = {v.name: plan_for(v.config).phases[0].weights for v in grid.variants}
+    natural = weights["natural"]
+    assert natural["commoncrawl"] == pytest.approx(0.5335, abs=1e-4) and len(natural) == 7
+    for name, w in weights.items():
+        assert sum(w.values()) == pytest.approx(1.0)
+        if name.startswith("no-"):
+            left_out = name[3:]
+            assert w[left_out] == 0.0
+            scale = 1 / (1 - natural[left_out])
+            assert all(w[d] == pytest.approx(natural[d] * scale) for d in w if d != left_out)
+    assert weights["web-only"]["commoncrawl"] / weights["web-only"]["c4"] == pytest.approx(
+        natural["commoncrawl"] / natural["c4"], rel=1e-3)
+
+
 def test_grid_errors_name_the_variant_and_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"base": str(LAB / "code-cooldown.yaml"),
@@ -69,6 +85,7 @@ def test_slurm_renders_one_script_per_variant_and_an_array(tmp_path):
         assert f"--set run.dir={tmp_path.resolve() / v.name}" in text
         assert "--set 'data.phases.stable.weights={" in text and "--resume auto" in text
         assert "#SBATCH --partition=debug" in text and "#SBATCH --cpus-per-task=2" in text
+        assert f'mark_done("{tmp_path.resolve() / v.name}", "{v.name}", [' in text  # after training finished
     array = scripts["array.sbatch"]
     assert "#SBATCH --array=0-3" in array and "#SBATCH --partition=debug" in array
     assert "SCRIPTS=(variant-code-00.sbatch variant-code-25.sbatch variant-code-50.sbatch variant-code-75.sbatch)" \
