@@ -9,7 +9,7 @@ from .checkpoint.errors import CheckpointError
 from .config.arguments import add_config_args, positive_int
 from .config import Config, ConfigError, load_config
 from .data.errors import DataError
-from .host_memory import keep_freed_memory
+from .host_memory import bound_retained_memory, keep_freed_memory
 from .quiet import quiet_expected_warnings
 
 
@@ -169,7 +169,10 @@ def _latest_checkpoint(config: Config) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    keep_freed_memory()
+    if args.command == "prepare":
+        bound_retained_memory()  # a long streaming pass: flat peak memory
+    else:
+        keep_freed_memory()  # training steps reuse the same large blocks
     if not args.debug:
         quiet_expected_warnings()
     else:

@@ -1,10 +1,11 @@
-"""Keep freed host memory in the process instead of handing it back to the kernel after every step.
+"""glibc malloc settings per command: training keeps freed memory, a streaming `prepare` hands it back.
 
 glibc's malloc serves blocks above its mmap threshold (at most 32 MiB) with a fresh mmap and unmaps them on free.
 A CPU training step allocates and frees the same large tensors every time (logits, attention scores,
 activations), so each step page-faults hundreds of MB back in: measured at the small shape, a quarter of the
 step went to the kernel zeroing pages. With mmap off for malloc and trimming off, freed blocks are reused
-(what jemalloc/tcmalloc do, without preloading a library). Set MEGACRYSTAL_SYSTEM_MALLOC=1 to keep glibc's defaults.
+(what jemalloc/tcmalloc do, without preloading a library). `prepare` wants the opposite (see
+bound_retained_memory). Set MEGACRYSTAL_SYSTEM_MALLOC=1 to keep glibc's defaults.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import ctypes.util
 import os
 
 _M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
+_STREAM_BLOCK = 16 << 20
 
 
 def _libc():
@@ -35,13 +38,18 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def release_freed_memory() -> None:
-    """Hand the freed pages of every malloc arena back to the kernel (glibc's malloc_trim; elsewhere nothing).
 
-    A long streaming pass with several threads otherwise keeps its high-water mark plus fragmentation: each
-    thread allocates from its own arena, and documents of very different sizes leave holes there.
+def bound_retained_memory() -> bool:
+    """For long streaming passes (`prepare`): blocks above 16 MiB come from mmap and go back on free, and a heap
+    top with over 16 MiB free is trimmed; return whether it was set (False off glibc).
+
+    sentencepiece needs ~50 bytes per character while it encodes one document, so a multi-MB source file
+    briefly takes hundreds of MB. glibc's default raises its mmap threshold after such a block is freed, so
+    later ones land in the thread arenas and stay there: peak memory crept up with the input's length
+    (measured in docs/benchmarks/README.md). Fixed thresholds keep it flat at the same speed.
     """
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is not None:
-        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-        trim(0)
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None or os.environ.get("MEGACRYSTAL_SYSTEM_MALLOC") == "1":
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _STREAM_BLOCK)) and bool(mallopt(_M_TRIM_THRESHOLD, _STREAM_BLOCK))

@@ -16,7 +16,7 @@ MAY_IMPORT = {
     "distributed": {"config"},
     "kernels": {"config", "distributed"},
     "model": {"config", "distributed", "kernels"},
-    "data": {"config", "schedule", "host_memory"},
+    "data": {"config", "schedule"},
     "checkpoint": {"config", "distributed"},
     "engines": {"config", "schedule", "distributed", "kernels", "model", "data", "checkpoint"},
     "train": BELOW_TRAIN,

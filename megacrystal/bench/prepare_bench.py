@@ -53,8 +53,8 @@ _OURS = textwrap.dedent("""
     from pathlib import Path
     from megacrystal.data.tokenizer import CrystalTokenizer
     from megacrystal.data.prepare import prepare_dataset
-    from megacrystal.host_memory import keep_freed_memory
-    keep_freed_memory()  # as every `megacrystal` command does (cli.main)
+    from megacrystal.host_memory import bound_retained_memory
+    bound_retained_memory()  # as `megacrystal prepare` does (cli.main)
     model, jsonl, out, workers, dedup = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
     tok = CrystalTokenizer.load(model)
     kw = {}

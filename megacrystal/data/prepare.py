@@ -21,7 +21,6 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from megacrystal.data import indexed, shards
-from megacrystal.host_memory import release_freed_memory
 from megacrystal.data.corpus import provenance_path
 from megacrystal.data.errors import DataError
 from megacrystal.data.progress import Progress
@@ -36,7 +35,6 @@ PREPARE_VERSION = FORMAT_VERSION
 DEFAULT_SEED = 45
 DEFAULT_EXTENSIONS = (".py", ".html", ".htm", ".css", ".js", ".mjs", ".ts", ".c", ".h", ".cc", ".cpp", ".java",
                       ".go", ".rs", ".sh", ".md", ".rst", ".txt")
-TRIM_EVERY = 16  # batches between handing freed memory back to the kernel
 LENGTH_BINS = np.array([0, 2**6, 2**7, 2**8, 2**9, 2**10, 2**11, 2**12, 2**13, 2**14, 2**15, 2**16, 2**62])
 
 
@@ -138,9 +136,7 @@ def _build_shard(name: str, shard_prefix: str, files: Sequence[Path], fp: str, l
     hasher.shutdown(wait=False)
     try:
         batches = iter_batches(files, opts.text_field, list(opts.filters), opts.extensions)
-        for n, (tokens, lengths, scores, nbytes, parsed, dropped) in enumerate(pool.map(batches), 1):
-            if n % TRIM_EVERY == 0:
-                release_freed_memory()  # keeps peak memory flat over a long shard
+        for tokens, lengths, scores, nbytes, parsed, dropped in pool.map(batches):
             out.add(tokens, lengths, scores < opts.valid_fraction, scores)
             own.add(parsed)
             bad.add(parsed)
