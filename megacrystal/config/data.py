@@ -1,7 +1,7 @@
 """The data part of the run schema: tokenizer, datasets, and the phases of the run."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
@@ -47,12 +47,29 @@ class LRSection(Section):
         return self
 
 
+class MixingSection(Section):
+    """Online mixing (DoReMi, Xie et al. 2023; ODM, Albalak et al. 2023): every `every` steps the phase's weights
+    move toward the datasets whose training loss is furthest above its reference (data/mixing.py)."""
+
+    mode: Literal["online", "static"] = "online"  # static: the phase keeps its weights (as without `mixing`)
+    rule: Literal["eg", "exp3"] = "eg"  # eg: DoReMi's exponentiated gradient; exp3: ODM's smoothed-reward softmax
+    eta: float = Field(1.0, gt=0)  # step size on the excess loss (nats)
+    every: int = Field(10, ge=1)  # steps per update window
+    epsilon: float = Field(0.05, ge=0, le=1)  # share of the uniform blend mixed in (exploration, a floor)
+    smoothing: float = Field(0.0, ge=0, lt=1)  # moving-average factor of the per-dataset loss across windows
+    # first: the loss of the phase's first window; none: the loss itself; {dataset: loss}: a reference model's
+    # loss per dataset (DoReMi), the excess then clipped at 0
+    reference: Union[Literal["first", "none"], dict[str, float]] = "first"
+    grid: int = Field(1024, ge=2)  # weights are multiples of 1/grid, so every layout draws the same batches
+
+
 class PhaseSection(Section):
     tokens: int = Field(gt=0)  # budget; rounded to whole global batches (reported at start)
     weights: dict[str, float] = Field(min_length=1)  # dataset name -> sampling weight
     lr: LRSection
     fim_rate: float = Field(0.0, ge=0, le=1)
     weights_only_start: bool = False  # reset optimizer state at this phase's start (Crystal phase 3)
+    mixing: Optional[MixingSection] = None  # None: the weights hold for the whole phase
 
 
 class DataSection(Section):
@@ -91,7 +108,22 @@ class DataSection(Section):
             require(total > 0, f"data.phases.{phase_name}.weights", "all weights are zero")
             require(self.renormalize or abs(total - 1) <= WEIGHT_TOLERANCE, f"data.phases.{phase_name}.weights",
                     f"sum to {total:.6g}, not 1; fix them or set data.renormalize=true")
+            _check_mixing(phase_name, phase)
         if self.source == "indexed" and self.tokenizer.model is None:
             for name in self.tokenizer.train_on:
                 require(name in self.datasets, "data.tokenizer.train_on", f"unknown dataset {name!r}")
         return self
+
+
+def _check_mixing(phase_name: str, phase: PhaseSection) -> None:
+    """An online phase blends at least two datasets and gives a reference loss to exactly those."""
+    mixing = phase.mixing
+    if mixing is None or mixing.mode == "static":
+        return
+    field = f"data.phases.{phase_name}.mixing"
+    require(len(phase.weights) >= 2, field, "online mixing needs at least two datasets in the phase's weights")
+    if isinstance(mixing.reference, dict):
+        names = sorted(phase.weights)
+        require(sorted(mixing.reference) == names, f"{field}.reference",
+                f"give a loss for each of the phase's datasets ({', '.join(names)}), got "
+                f"{', '.join(sorted(mixing.reference)) or 'none'}")

@@ -199,6 +199,10 @@ class Config(_Section):
                  "only with engine: megatron; set it false for engine: deepspeed")
         _require(self.engine != "deepspeed" or p.pp == 1, "parallel.pp",
                  "pipeline parallelism is not supported with engine: deepspeed; use engine: megatron or pp=1")
+        for name, phase in d.phases.items():
+            _require(self.engine != "deepspeed" or not phase.mixing or phase.mixing.mode == "static",
+                     f"data.phases.{name}.mixing", "online mixing needs the per-row training losses only engine: "
+                     "megatron reports; use engine: megatron or mixing.mode: static")
         _require(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
                  f"{t.global_batch_size} is not a multiple of train.micro_batch_size ({t.micro_batch_size})")
         return self

@@ -3,22 +3,28 @@
 Three pieces, each deterministic given the seed and independent of the data-parallel size:
 - `_Apportioner` decides which dataset fills each slot, so the per-phase count of every dataset stays within
   one sample of its target w_d * slots.
-- `_EpochOrder` is a keyed permutation of one dataset's samples for one epoch.
+- `_EpochOrder` (data/epoch_order.py) is a keyed permutation of one dataset's samples for one epoch.
 - A cursor per dataset (epoch, position) walks that dataset's epoch orders for the whole run, across phases.
+A phase with online mixing (data/mixing.py) changes its weights every few steps; each change starts a new
+accounting segment (a fresh `_Apportioner` from that step), so every segment keeps the one-sample bound and the
+cursors, and with them the per-dataset counts, run on unchanged.
 """
 from __future__ import annotations
 
-import hashlib
 import heapq
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from megacrystal.data.errors import DataError
-from megacrystal.schedule.plan import RunPlan
+from megacrystal.schedule.plan import PhaseSpec, RunPlan
+
+from .epoch_order import _EpochOrder, epoch_order
+from .mixing import OnlineMixer
+
+__all__ = ["BlendChange", "BlendedSampler", "EpochEvent", "epoch_order", "shard"]
 
 STATE_FORMAT = "megacrystal.blend/1"
-_FEISTEL_ROUNDS = 6
 _WEIGHT_MATCH = 1e-12
 
 
@@ -42,6 +48,8 @@ class BlendChange:
     new_weights: dict[str, float]
     old_global_batch_size: int
     new_global_batch_size: int
+    old_mixing: str = "static"
+    new_mixing: str = "static"
 
     def describe(self) -> str:
         """One log line saying what changed."""
@@ -58,6 +66,8 @@ class BlendChange:
             parts.append("weights " + ", ".join(diffs))
         if self.old_global_batch_size != self.new_global_batch_size:
             parts.append(f"global batch {self.old_global_batch_size} -> {self.new_global_batch_size}")
+        if self.old_mixing != self.new_mixing:
+            parts.append(f"mixing {self.old_mixing} -> {self.new_mixing}")
         parts.append("dataset cursors continue; blend accounting restarts at this step")
         return "; ".join(parts)
 
@@ -69,6 +79,20 @@ def _positive_weights(weights: dict[str, float]) -> dict[str, float]:
 def _same_weights(a: dict[str, float], b: dict[str, float]) -> bool:
     a, b = _positive_weights(a), _positive_weights(b)
     return a.keys() == b.keys() and all(abs(a[n] - b[n]) <= _WEIGHT_MATCH for n in a)
+
+
+def _same_blend(saved: dict, spec: PhaseSpec) -> bool:
+    """Whether a saved phase state continues under `spec`: same weights, or the same online mixing."""
+    mixer = saved.get("mixer")
+    if spec.mixing is None:
+        return mixer is None and _same_weights(saved["weights"], spec.weights)
+    return mixer is not None and mixer["spec"] == spec.mixing.to_json() and \
+        _same_weights(mixer["initial"], spec.weights)
+
+
+def _mixing_of(saved: dict) -> str:
+    mixer = saved.get("mixer")
+    return OnlineMixer.from_state(mixer).spec.describe() if mixer else "static"
 
 
 class _Apportioner:
@@ -120,60 +144,6 @@ class _Apportioner:
         return dict(zip(self.names, self.drawn))
 
 
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finalizer: a cheap, well-mixed 64-bit hash (uint64 arrays wrap on overflow)."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * _MIX1
-    x = x ^ (x >> np.uint64(27))
-    x = x * _MIX2
-    return x ^ (x >> np.uint64(31))
-
-
-class _EpochOrder:
-    """A keyed pseudo-random permutation of range(size): a Feistel network with cycle walking.
-
-    Why not `rng.permutation(size)`: a materialized order costs 4-8 bytes per sample on every rank (Crystal's
-    CommonCrawl half alone is ~90M samples), and numpy does not promise that a Generator's stream stays the
-    same across versions, which would silently change the order of a resumed run. This is O(1) memory,
-    computes any position directly, and depends only on integer arithmetic.
-    """
-
-    def __init__(self, size: int, seed: int, dataset: str, epoch: int) -> None:
-        bits = max(2, (size - 1).bit_length())
-        self._half = np.uint64((bits + 1) // 2)
-        self._mask = np.uint64((1 << int(self._half)) - 1)
-        self._size = size
-        self.epoch = epoch
-        # blake2b, not hash(): Python salts str hashes per process, so ranks and restarts would disagree.
-        digest = hashlib.blake2b(f"{seed}\0{dataset}\0{epoch}".encode(), digest_size=8 * _FEISTEL_ROUNDS).digest()
-        self._keys = [np.uint64(int.from_bytes(digest[8 * i: 8 * i + 8], "little")) for i in range(_FEISTEL_ROUNDS)]
-
-    def _encrypt(self, x: np.ndarray) -> np.ndarray:
-        left, right = x >> self._half, x & self._mask
-        for key in self._keys:
-            left, right = right, left ^ (_mix64(right ^ key) & self._mask)
-        return (left << self._half) | right
-
-    def __call__(self, positions: np.ndarray) -> np.ndarray:
-        """Sample indices at `positions` of this epoch's order."""
-        x = self._encrypt(positions.astype(np.uint64))
-        # The Feistel domain is a power of 4 < 4 * size; walking the cycle until back in range is a bijection.
-        outside = x >= self._size
-        while outside.any():
-            x[outside] = self._encrypt(x[outside])
-            outside = x >= self._size
-        return x.astype(np.int64)
-
-
-def epoch_order(size: int, seed: int, dataset: str, epoch: int) -> list[int]:
-    """The full sample order of one dataset epoch (for tests and tools; the sampler never materializes it)."""
-    return _EpochOrder(size, seed, dataset, epoch)(np.arange(size, dtype=np.uint64)).tolist()
-
-
 @dataclass
 class _Cursor:
     size: int
@@ -191,6 +161,7 @@ class _PhaseState:
     global_batch_size: int
     segment_start_step: int
     apportioner: _Apportioner = field(repr=False)
+    mixer: OnlineMixer | None = field(default=None, repr=False)  # online mixing, else the weights are fixed
 
 
 def shard(global_batch: list, dp_rank: int, dp_size: int) -> list:
@@ -227,7 +198,9 @@ class BlendedSampler:
         self._orders: dict[str, _EpochOrder] = {}
         self._phase: _PhaseState | None = None
         self._realized: dict[str, dict[str, int]] = {}
+        self._segments: list[dict] = []  # closed online-mixing segments: phase, steps, weights, drawn
         self._next_step = 0
+        self._observed_step = -1
         self.epoch_events: list[EpochEvent] = []
         self.blend_changes: list[BlendChange] = []
 
@@ -259,6 +232,8 @@ class BlendedSampler:
 
     def _begin_phase(self, index: int, step: int) -> None:
         spec = self.plan.phases[index]
+        if self._phase is not None and self._phase.mixer is not None:  # the last segment of an online phase
+            self._segments.append(self._segment(self._phase, step))
         self._phase = _PhaseState(
             index=index,
             name=spec.name,
@@ -267,10 +242,50 @@ class BlendedSampler:
             global_batch_size=self.plan.global_batch_size,
             segment_start_step=step,
             apportioner=_Apportioner(spec.weights),
+            mixer=OnlineMixer(spec.mixing, spec.weights) if spec.mixing else None,
         )
         realized = self._realized.setdefault(spec.name, {})
         for name in spec.weights:
             realized.setdefault(name, 0)
+
+    @property
+    def mixing_weights(self) -> dict[str, float] | None:
+        """The weights of the current segment when the current phase mixes online, else None."""
+        return dict(self._phase.weights) if self._phase is not None and self._phase.mixer is not None else None
+
+    def observe(self, step: int, sums: dict[str, tuple[float, float]] | None) -> dict[str, float] | None:
+        """Give the online mixing of the current phase step `step`'s (loss sum, tokens) per dataset; when that
+        completes an update window (and the phase goes on), return the new weights: batches from step + 1 on
+        are drawn with them, in a new accounting segment. A phase with fixed weights ignores the call."""
+        phase = self._phase
+        if phase is None or phase.mixer is None:
+            return None
+        if step != self._next_step - 1 or step == self._observed_step:
+            raise DataError(f"online mixing observes the step just drawn ({self._next_step - 1}) once, got {step}")
+        if sums is None:
+            raise DataError(f"phase {phase.name!r} mixes online but step {step + 1} has no per-dataset training "
+                            "loss (the engine reports no row losses)")
+        self._observed_step = step
+        if not phase.mixer.observe(sums) or step + 1 >= phase.end_step:
+            return None
+        weights = phase.mixer.update()
+        if weights != phase.weights:
+            self._segments.append(self._segment(phase, end_step=step + 1))
+            phase.weights, phase.segment_start_step = dict(weights), step + 1
+            phase.apportioner = _Apportioner(weights)
+        return weights
+
+    @staticmethod
+    def _segment(phase: _PhaseState, end_step: int) -> dict:
+        return {"phase": phase.name, "start_step": phase.segment_start_step, "end_step": end_step,
+                "weights": dict(phase.weights), "drawn": phase.apportioner.drawn_dict()}
+
+    def segments(self) -> list[dict]:
+        """Every online-mixing segment so far (the open one last, to the next step): phase, [start_step,
+        end_step), weights and samples drawn per dataset; each stays within one sample of weights x slots."""
+        phase = self._phase
+        open_segment = [self._segment(phase, self._next_step)] if phase is not None and phase.mixer else []
+        return [dict(s) for s in self._segments] + open_segment
 
     def _order(self, name: str, cursor: _Cursor) -> _EpochOrder:
         order = self._orders.get(name)
@@ -331,7 +346,9 @@ class BlendedSampler:
                 "segment_slots": p.apportioner.slots,
                 "segment_drawn": p.apportioner.drawn_dict(),
             }
-        return {
+            if p.mixer is not None:  # a phase with fixed weights keeps the state it always had
+                phase["mixer"] = p.mixer.state_dict()
+        state = {
             "format": STATE_FORMAT,
             "seed": self.seed,
             "step": self._next_step,
@@ -339,6 +356,9 @@ class BlendedSampler:
             "datasets": {**self._dormant, **datasets},
             "realized": self.realized_blend(),
         }
+        if self._segments:
+            state["segments"] = [dict(s) for s in self._segments]
+        return state
 
     def load_state_dict(self, sd: dict, allow_size_change: set[str] = frozenset()) -> BlendChange | None:
         """Restore a state; if this plan's blend at the resumed step differs, return (and record) the change.
@@ -373,9 +393,14 @@ class BlendedSampler:
         self._dormant = dormant
         self._orders.clear()
         self._realized = {phase: dict(counts) for phase, counts in sd["realized"].items()}
+        self._segments = [dict(s) for s in sd.get("segments", [])]
         self._next_step = int(sd["step"])
+        self._observed_step = self._next_step - 1  # the checkpoint was saved after its step was observed
         self._phase = None
-        return self._restore_phase(sd["phase"])
+        change = self._restore_phase(sd["phase"])
+        if change is not None and sd["phase"].get("mixer"):  # the saved phase's open segment ends here
+            self._segments.append(self._segment(self._saved_phase(sd["phase"]), self._next_step))
+        return change
 
     def _restore_phase(self, saved: dict | None) -> BlendChange | None:
         step = self._next_step
@@ -384,7 +409,7 @@ class BlendedSampler:
         spec = self.plan.phase_at_step(step)[1] if step < self.plan.total_steps else None
         if spec is not None and spec.name == saved["name"]:
             same_batch = saved["global_batch_size"] == self.plan.global_batch_size
-            if same_batch and _same_weights(saved["weights"], spec.weights):
+            if same_batch and _same_blend(saved, spec):
                 self._phase = self._saved_phase(saved)
                 return None
             self._begin_phase(self.plan.phase_index(spec.name), step)
@@ -408,6 +433,7 @@ class BlendedSampler:
             global_batch_size=saved["global_batch_size"],
             segment_start_step=saved["segment_start_step"],
             apportioner=_Apportioner(saved["weights"], saved["segment_drawn"], saved["segment_slots"]),
+            mixer=OnlineMixer.from_state(saved["mixer"]) if saved.get("mixer") else None,
         )
 
     def _record_change(self, saved: dict, phase: str) -> BlendChange:
@@ -419,6 +445,8 @@ class BlendedSampler:
             new_weights=dict(self._phase.weights),
             old_global_batch_size=saved["global_batch_size"],
             new_global_batch_size=self.plan.global_batch_size,
+            old_mixing=_mixing_of(saved),
+            new_mixing=self._phase.mixer.spec.describe() if self._phase.mixer else "static",
         )
         self.blend_changes.append(change)
         return change

@@ -23,6 +23,7 @@ class GlobalBatch:
     loss_mask: torch.Tensor
     samples: list[tuple[str, int]]
     counts: dict[str, int] = field(default_factory=dict)  # rows per dataset
+    blend_weights: dict[str, float] | None = None  # the weights it was drawn with, in a phase mixing online
 
 
 class TokenStream:
@@ -93,6 +94,10 @@ class SyntheticSource:
     def consumed_samples(self) -> dict[str, int]:
         return {"synthetic": self.consumed}
 
+    def observe(self, step: int, sums) -> None:
+        """One stream has no blend to adapt."""
+        return None
+
     def state_dict(self) -> dict:
         return {"consumed": self.consumed}
 
@@ -127,7 +132,12 @@ class BlendedSource:
             seen[name] = seen.get(name, 0) + 1
             rows.append(tokens)
             masks.append(mask[1:])  # the mask of each label (the next token)
-        return GlobalBatch(torch.from_numpy(np.stack(rows)), torch.from_numpy(np.stack(masks)), samples, seen)
+        return GlobalBatch(torch.from_numpy(np.stack(rows)), torch.from_numpy(np.stack(masks)), samples, seen,
+                           self.sampler.mixing_weights)
+
+    def observe(self, step: int, sums: dict[str, tuple[float, float]] | None) -> dict[str, float] | None:
+        """Step `step`'s (loss sum, tokens) per dataset for online mixing; the new weights after an update."""
+        return self.sampler.observe(step, sums)
 
     def consumed_samples(self) -> dict[str, int]:
         return self.sampler.consumed_samples()

@@ -191,6 +191,9 @@ def params_yaml(config: Config, index: int, layout: str, *, offset: int = 0, pre
 
     plan = plan_for(config)
     phase, steps = plan.phases[index], plan.steps[index]
+    if phase.mixing is not None:
+        raise ConfigError(f"data.phases.{phase.name}.mixing: Model Zoo's data mixture is fixed, so a phase with online "
+                          "mixing has no Cerebras export; set mixing.mode: static (its initial weights) to export it")
     pieces = lr_pieces(phase.lr, steps, offset)
     if global_start:
         pieces = [("constant", pieces[0][1], pieces[0][1], global_start), *pieces]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..config import Config, ConfigError
 from .lr import LRSegment
-from .plan import PhaseSpec, RunPlan
+from .plan import MixingSpec, PhaseSpec, RunPlan
 
 SYNTHETIC = "synthetic"  # the dataset name of the synthetic stream
 
@@ -13,7 +13,7 @@ def plan_for(config: Config) -> RunPlan:
     d, t, m = config.data, config.train, config.model
     if d.phases:
         phases = [PhaseSpec(name=name, tokens=p.tokens, weights=dict(p.weights), lr=LRSegment(**p.lr.model_dump()),
-                            fim_rate=p.fim_rate, weights_only_start=p.weights_only_start)
+                            fim_rate=p.fim_rate, weights_only_start=p.weights_only_start, mixing=_mixing(p.mixing))
                   for name, p in d.phases.items()]
     else:
         o = config.optim
@@ -25,3 +25,10 @@ def plan_for(config: Config) -> RunPlan:
         return RunPlan.build(phases, t.global_batch_size, m.seq_length, renormalize=d.renormalize)
     except ValueError as err:
         raise ConfigError(f"data.phases: {err}") from None
+
+
+def _mixing(section) -> MixingSpec | None:
+    """A phase's online mixing, or None when its weights are fixed."""
+    if section is None or section.mode == "static":
+        return None
+    return MixingSpec(**section.model_dump(exclude={"mode"}))

@@ -6,10 +6,66 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Literal, Mapping, Union
 
 from megacrystal.schedule.lr import LRSegment, lr_at
 
 WEIGHT_SUM_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class MixingSpec:
+    """Online mixing of one phase's blend (data/mixing.py applies it): every `every` steps the weights move
+    toward the datasets with the largest excess training loss (rule `eg`: DoReMi's exponentiated gradient;
+    `exp3`: ODM's softmax of a smoothed reward), mixed with `epsilon` of the uniform blend and rounded to
+    multiples of 1/`grid`. `reference` is what the loss is in excess of: the loss of the phase's first
+    update window ("first"), nothing ("none": the loss itself) or a loss per dataset (DoReMi's reference
+    model; the excess is then clipped at 0). `smoothing` is the moving-average factor over update windows.
+    """
+
+    rule: Literal["eg", "exp3"] = "eg"
+    eta: float = 1.0
+    every: int = 10
+    epsilon: float = 0.05
+    smoothing: float = 0.0
+    reference: Union[Literal["first", "none"], Mapping[str, float]] = "first"
+    grid: int = 1024
+
+    def validate(self, datasets: list[str]) -> None:
+        """Raise ValueError naming the first invalid field, for a phase blending `datasets`."""
+        if self.rule not in ("eg", "exp3"):
+            raise ValueError(f"mixing.rule must be eg or exp3, got {self.rule!r}")
+        for name, value, ok, what in (("eta", self.eta, lambda v: v > 0, "> 0"),
+                                      ("epsilon", self.epsilon, lambda v: 0 <= v <= 1, "in [0, 1]"),
+                                      ("smoothing", self.smoothing, lambda v: 0 <= v < 1, "in [0, 1)")):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not ok(value):
+                raise ValueError(f"mixing.{name} must be a finite number {what}, got {value!r}")
+        for name, value, low in (("every", self.every, 1), ("grid", self.grid, 2)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"mixing.{name} must be an integer >= {low}, got {value!r}")
+        if len(datasets) < 2:
+            raise ValueError(f"mixing needs at least two datasets in the phase's weights, got {datasets}")
+        if isinstance(self.reference, str):
+            if self.reference not in ("first", "none"):
+                raise ValueError(f"mixing.reference must be first, none or a loss per dataset, got {self.reference!r}")
+        elif sorted(self.reference) != sorted(datasets) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in self.reference.values()):
+            raise ValueError(f"mixing.reference must give a finite loss for each of {sorted(datasets)}, "
+                             f"got {dict(self.reference)}")
+
+    def to_json(self) -> dict:
+        """The options as plain JSON values (kept in a checkpoint to tell whether a resume changed them)."""
+        out = dataclasses.asdict(self)
+        out["reference"] = self.reference if isinstance(self.reference, str) else dict(sorted(self.reference.items()))
+        return out
+
+    def describe(self) -> str:
+        """One line for logs, e.g. 'online eg (eta 1, every 10 steps, epsilon 0.05, reference first)'."""
+        reference = self.reference if isinstance(self.reference, str) else "per dataset"
+        return (f"online {self.rule} (eta {self.eta:g}, every {self.every} steps, epsilon {self.epsilon:g}, "
+                f"reference {reference})")
 
 
 @dataclass(frozen=True)
@@ -23,6 +79,7 @@ class PhaseSpec:
     fim_rate: float = 0.0
     # Crystal phase 3: load weights only, fresh optimizer state and step count.
     weights_only_start: bool = False
+    mixing: MixingSpec | None = None  # None: the weights hold for the whole phase
 
 
 @dataclass(frozen=True)
@@ -95,6 +152,8 @@ def _checked_phase(phase: PhaseSpec, renormalize: bool) -> PhaseSpec:
         raise ValueError(f"{where}: lr must be an LRSegment, got {type(phase.lr).__name__}")
     try:
         phase.lr.validate()
+        if phase.mixing is not None:
+            phase.mixing.validate(sorted(phase.weights))
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
     return dataclasses.replace(phase, weights=_checked_weights(phase, renormalize))
@@ -132,6 +191,10 @@ class RunPlan:
         checked = tuple(_checked_phase(phase, renormalize) for phase in phases)
         tokens_per_step = global_batch_size * seq_length
         steps = tuple(_round_steps(phase.tokens, tokens_per_step) for phase in checked)
+        for phase, n in zip(checked, steps):
+            if phase.mixing is not None and phase.mixing.every >= n:
+                raise ValueError(f"phase {phase.name!r}: mixing.every ({phase.mixing.every}) is not below the "
+                                 f"phase's {n} steps, so its weights would never change; lower it")
         rounding = tuple(
             PhaseRounding(phase.name, phase.tokens, n * tokens_per_step, n) for phase, n in zip(checked, steps)
         )

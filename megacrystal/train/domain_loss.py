@@ -15,8 +15,9 @@ import torch
 SPACE = "\u2581"  # sentencepiece's visible space
 
 
-def loss_per_dataset(row_losses: torch.Tensor, samples: list[tuple[str, int]]) -> dict[str, float]:
-    """{dataset: mean token loss over its rows} from [B, 2] row (loss sum, tokens) and the batch's samples."""
+def sums_per_dataset(row_losses: torch.Tensor, samples: list[tuple[str, int]]) -> dict[str, tuple[float, float]]:
+    """{dataset: (loss sum, tokens) over its rows} from [B, 2] row (loss sum, tokens) and the batch's samples,
+    summed in float64 in batch order (so every rank, holding the same rows, gets the same bits)."""
     if len(samples) != len(row_losses):
         raise ValueError(f"{len(row_losses)} row losses for a batch of {len(samples)} samples")
     sums: dict[str, list[float]] = {}
@@ -24,7 +25,17 @@ def loss_per_dataset(row_losses: torch.Tensor, samples: list[tuple[str, int]]) -
         acc = sums.setdefault(name, [0.0, 0.0])
         acc[0] += loss
         acc[1] += tokens
-    return {name: loss / tokens for name, (loss, tokens) in sorted(sums.items()) if tokens > 0}
+    return {name: (loss, tokens) for name, (loss, tokens) in sorted(sums.items())}
+
+
+def loss_per_dataset(row_losses: torch.Tensor, samples: list[tuple[str, int]]) -> dict[str, float]:
+    """{dataset: mean token loss over its rows} from [B, 2] row (loss sum, tokens) and the batch's samples."""
+    return means(sums_per_dataset(row_losses, samples))
+
+
+def means(sums: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """{dataset: loss sum / tokens} of the datasets with tokens."""
+    return {name: loss / tokens for name, (loss, tokens) in sums.items() if tokens > 0}
 
 
 class TokenBytes:

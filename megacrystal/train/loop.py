@@ -16,7 +16,7 @@ from ..schedule.from_config import plan_for
 from ..schedule.plan import RunPlan
 from .cadence import Cadence, End
 from .checkpointing import Checkpointer
-from .domain_loss import loss_per_dataset, token_bytes_for
+from .domain_loss import means, sums_per_dataset, token_bytes_for
 from .eval import Evaluator
 from .metrics import MetricsWriter
 from .profiling import StepProfiler
@@ -173,7 +173,8 @@ class _Loop:
             self.engine.reset_optimizer()
             _say(layout, f"phase {phase.name}: starting from weights only (optimizer state reset)")
         elif step_in_phase == 0:
-            _say(layout, f"phase {phase.name}: weights {phase.weights}, fim_rate {phase.fim_rate}")
+            mixing = f", mixing {phase.mixing.describe()}" if phase.mixing else ""
+            _say(layout, f"phase {phase.name}: weights {phase.weights}, fim_rate {phase.fim_rate}{mixing}")
         batch = self.source.global_batch(step)
         if self.samples_log and layout.is_main:
             with open(self.samples_log, "a") as f:
@@ -182,6 +183,8 @@ class _Loop:
         data_seconds = time.perf_counter() - started
         lr = plan.lr_at_step(step)
         result = self.engine.train_step(microbatches, lr)
+        sums = None if result.row_losses is None else sums_per_dataset(result.row_losses, batch.samples)
+        self.source.observe(step, sums)  # online mixing: may set the weights of the batches from step + 1 on
         seconds = time.perf_counter() - started
         tokens_per_s = result.tokens / seconds
         tflops = self.flops_per_token * tokens_per_s / layout.world_size / 1e12
@@ -192,8 +195,7 @@ class _Loop:
             mfu=tflops / t.peak_tflops_per_device if t.peak_tflops_per_device else None,
             samples=batch.counts,
             consumed_tokens={name: n * m.seq_length for name, n in self.source.consumed_samples().items()},
-            loss_per_dataset=None if result.row_losses is None else
-            loss_per_dataset(result.row_losses, batch.samples),
+            loss_per_dataset=None if sums is None else means(sums), blend_weights=batch.blend_weights,
         )
 
     def _save(self, record: StepRecord, phase_end: bool) -> None:
@@ -210,6 +212,8 @@ _END_NOTES = {"plan": "plan complete", "max_steps": "train.max_steps {max_steps}
 def _extra(record: StepRecord) -> str:
     """The progress line's tail: phase, gradient norm and, after an evaluation, the validation losses."""
     extra = f"{record.phase} | grad {record.grad_norm:.3f}"
+    if record.blend_weights is not None:
+        extra += " | weights " + " ".join(f"{k} {v:.3f}" for k, v in record.blend_weights.items())
     if record.eval is not None:
         extra += " | val " + " ".join(f"{k} {v:.3f}" for k, v in record.eval.loss_per_dataset.items())
     return extra

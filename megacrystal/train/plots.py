@@ -34,12 +34,25 @@ def planned_tokens(plan, datasets: list[str], tokens: list[int]) -> dict[str, li
     return out
 
 
+def step_weights(records: list[StepRecord], plan) -> list[dict[str, float]]:
+    """The weights each step's batch was drawn with: its phase's, or those online mixing set for it."""
+    fixed = {phase.name: phase.weights for phase in plan.phases}
+    return [r.blend_weights if r.blend_weights is not None else fixed.get(r.phase, {}) for r in records]
+
+
 def blend_series(records: list[StepRecord], plan) -> dict:
     """The blend plot's data: x = tokens trained (from 0), and per dataset the planned and realized cumulative
-    tokens and their difference (realized - planned)."""
+    tokens and their difference (realized - planned). With online mixing, "planned" follows the weights each
+    step was drawn with."""
     datasets = sorted({d for r in records for d in r.consumed_tokens})
     tokens = [0, *(r.tokens for r in records)]
-    planned = planned_tokens(plan, datasets, tokens)
+    if any(r.blend_weights is not None for r in records):
+        planned = {d: [0.0] for d in datasets}
+        for weights in step_weights(records, plan):
+            for d in datasets:
+                planned[d].append(planned[d][-1] + weights.get(d, 0.0) * plan.tokens_per_step)
+    else:
+        planned = planned_tokens(plan, datasets, tokens)
     series = {}
     for d in datasets:
         realized = [0, *(r.consumed_tokens.get(d, 0) for r in records)]
@@ -131,6 +144,28 @@ def val_loss_figure(records: list[StepRecord], plan):
     return fig
 
 
+def weights_figure(records: list[StepRecord], plan):
+    """Blend weight per dataset against tokens trained (fixed phases flat, online phases as mixing moved them);
+    None when no step was drawn with online mixing."""
+    from matplotlib.figure import Figure
+
+    if not any(r.blend_weights is not None for r in records):
+        return None
+    weights = step_weights(records, plan)
+    starts = [r.tokens - plan.tokens_per_step for r in records]
+    fig = Figure(figsize=(8, 4))
+    (ax,) = _axes(fig, phase_spans(plan))
+    for i, d in enumerate(sorted({d for w in weights for d in w})):
+        ys = [w.get(d, 0.0) for w in weights]
+        ax.step([*starts, records[-1].tokens], [*ys, ys[-1]], where="post", color=f"C{i}", linewidth=1.2, label=d,
+                gid=f"weight:{d}")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("blend weight")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle("Blend weights per dataset (online mixing)")
+    return fig
+
+
 def per_dataset_figure(records: list[StepRecord], plan, values, title: str, ylabel: str, marker=None):
     """One line per dataset of `values(record)` ({dataset: value} or None) against tokens; None without data."""
     from matplotlib.figure import Figure
@@ -149,7 +184,8 @@ def per_dataset_figure(records: list[StepRecord], plan, values, title: str, ylab
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write blend.png, loss.png, loss_per_dataset.png and (when evaluated) val_loss.png, val_bpb.png; return paths."""
+    """Write blend.png, loss.png, loss_per_dataset.png, (when evaluated) val_loss.png, val_bpb.png and (with online
+    mixing) blend_weights.png; return their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,6 +193,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     records = read_records(run_dir)
     plan = plan_for(load_config(run_dir / "config.resolved.yaml"))
     figures = {"blend.png": blend_figure(records, plan) if any(r.consumed_tokens for r in records) else None,
+               "blend_weights.png": weights_figure(records, plan),
                "loss.png": loss_figure(records, plan), "val_loss.png": val_loss_figure(records, plan),
                "loss_per_dataset.png": per_dataset_figure(records, plan, lambda r: r.loss_per_dataset,
                                                           "Training loss per dataset", "loss (nats/token)"),

@@ -67,13 +67,15 @@ class StepRecord:
     samples: dict[str, int]  # samples drawn from each dataset in this step
     consumed_tokens: dict[str, int]  # cumulative tokens drawn from each dataset
     loss_per_dataset: dict[str, float] | None = None  # this step's training loss split by dataset
+    blend_weights: dict[str, float] | None = None  # the weights this step's batch was drawn with (online mixing)
     eval: EvalRecord | None = None
     events: list[str] | None = None  # e.g. a blend change on resume
     memory_mb: float | None = None  # the largest peak memory of any rank
     log_time_s: float = 0.0  # writing the previous step's record and progress line (between steps)
     version: int = SCHEMA_VERSION
 
-    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"loss_per_dataset", "events"})  # left out of the JSON when None
+    # left out of the JSON when None
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"loss_per_dataset", "blend_weights", "events"})
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of this step (a fresh dict; nested dicts are shared, not copied)."""

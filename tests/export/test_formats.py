@@ -245,6 +245,15 @@ def test_unknown_cs_release_is_a_config_error():
         cerebras.release("3.0")
 
 
+def test_a_phase_with_online_mixing_has_no_cerebras_export():
+    from megacrystal.config import ConfigError
+
+    config = load_config(ROOT / "configs" / "crystal-tiny.yaml", ["data.phases.mixed.mixing.mode=online"])
+    assert cerebras.params_yaml(config, 2, "1.9")["train_input"]["mixture"]  # a fixed phase still exports
+    with pytest.raises(ConfigError, match=r"^data.phases.mixed.mixing: Model Zoo's data mixture is fixed"):
+        cerebras.params_yaml(config, 1, "1.9")
+
+
 @pytest.mark.parametrize("step, resume", [(150, False), (200, True), (400, False)])
 def test_cerebras_export_continues_from_the_checkpoints_step(tmp_path, step, resume):
     """crystal-tiny: phases text (150 steps), mixed (150), code (100). A checkpoint at a phase boundary starts the

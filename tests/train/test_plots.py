@@ -1,11 +1,13 @@
 """The plots' data and styling (not their pixels): plan against realized, token units, named phases."""
+import json
 from pathlib import Path
 
 import pytest
 
 from megacrystal.config import load_config
 from megacrystal.schedule.from_config import plan_for
-from megacrystal.train.plots import blend_figure, blend_series, format_tokens, phase_spans, val_loss_figure
+from megacrystal.train.plots import (blend_figure, blend_series, format_tokens, phase_spans, val_loss_figure,
+                                     weights_figure)
 from megacrystal.train.records import EvalRecord, StepRecord
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,3 +90,20 @@ def test_val_loss_plot_has_one_line_per_dataset_and_none_without_evaluations(pla
     for r in records:
         r.eval = None
     assert val_loss_figure(records, plan) is None
+
+
+def test_online_weights_are_plotted_and_become_the_blend_plots_plan(plan):
+    records = _records(plan)
+    assert weights_figure(records, plan) is None  # no online mixing, no plot
+    online = {5: {"prose": 0.5, "python": 0.3, "web": 0.2}, 6: {"prose": 0.5, "python": 0.3, "web": 0.2},
+              7: {"prose": 0.25, "python": 0.5, "web": 0.25}, 8: {"prose": 0.25, "python": 0.5, "web": 0.25}}
+    for step, weights in online.items():
+        records[step - 1].blend_weights = weights
+        assert StepRecord.from_json(json.loads(records[step - 1].to_line())).blend_weights == weights
+    (ax,) = weights_figure(records, plan).axes
+    python = next(line for line in ax.lines if line.get_gid() == "weight:python")
+    # a step line: each step's weight from its first token, the phases' fixed weights around the online ones
+    assert list(python.get_xdata()) == [*range(0, 12 * STEP, STEP), 12 * STEP]
+    assert list(python.get_ydata()) == [0, 0, 0, 0, 0.3, 0.3, 0.5, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6]
+    planned = blend_series(records, plan)["datasets"]["python"]["planned"]
+    assert planned[8] == pytest.approx((0.3 * 2 + 0.5 * 2) * STEP) and planned[12] == pytest.approx((1.6 + 2.4) * STEP)

@@ -17,6 +17,7 @@ def _full() -> StepRecord:
         skipped=True, step_time_s=1 / 3, data_time_s=2 ** -40, tokens_per_s=6143.999999999999,
         tflops_per_device=1e-17, mfu=0.123456789, samples={"prose": 9, "python": 7},
         consumed_tokens={"prose": 9 * 128, "python": 7 * 128}, loss_per_dataset={"prose": 7.5, "python": 6.25},
+        blend_weights={"prose": 0.5009765625, "python": 0.4990234375},
         eval=EvalRecord(loss_per_dataset={"prose": 7.0000000001}, bpb=1.1, bpb_per_dataset={"prose": 1.2}),
         events=["blend change: x"], memory_mb=1234.5, log_time_s=5e-324, version=SCHEMA_VERSION)
 
@@ -37,9 +38,9 @@ def test_contract_keys_and_optional_fields_left_out_when_none():
                 "tflops_per_device", "mfu", "samples", "consumed_tokens", "val_loss", "version"):
         assert key in line, key
     assert line["val_loss"] == {"prose": 7.0000000001} and line["val_bpb"] == 1.1
-    bare = dataclasses.replace(_full(), eval=None, events=None, loss_per_dataset=None, mfu=None)
+    bare = dataclasses.replace(_full(), eval=None, events=None, loss_per_dataset=None, blend_weights=None, mfu=None)
     keys = set(json.loads(bare.to_line()))
-    assert not keys & {"val_loss", "val_bpb", "val_bpb_per_dataset", "events", "loss_per_dataset"}
+    assert not keys & {"val_loss", "val_bpb", "val_bpb_per_dataset", "events", "loss_per_dataset", "blend_weights"}
     assert "mfu" in keys  # part of the contract: null without a peak, never missing
     partial = dataclasses.replace(_full(), eval=EvalRecord(loss_per_dataset={"web": 3.0}))
     assert "val_bpb" not in json.loads(partial.to_line())
