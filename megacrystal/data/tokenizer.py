@@ -125,11 +125,6 @@ class CrystalTokenizer:
         """Text to base-vocabulary ids; special-token strings in text stay plain text on purpose."""
         return self._sp.encode(text, out_type=int)
 
-    def encode_many(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
-        """Encode a batch of texts in one call into sentencepiece (same ids as `encode` on each); one thread by
-        default because callers parallelize with processes (sentencepiece's default uses every core)."""
-        return self._sp.encode(list(texts), out_type=int, num_threads=num_threads) if texts else []
-
     def encode_documents(self, texts: Sequence[str], dtype) -> tuple[np.ndarray, np.ndarray]:
         """Encode a batch as documents: one `dtype` array of every text's ids followed by EOS, and the lengths
         (EOS included). sentencepiece's numpy output skips building a Python int per token."""
