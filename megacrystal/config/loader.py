@@ -13,17 +13,22 @@ from .errors import ConfigError
 from .schema import Config
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
-    """Read `path`, apply `a.b.c=value` overrides (values parsed as YAML), and validate."""
+def read_yaml(path: str | Path, flag: str, example: str):
+    """The parsed YAML file given by `flag` ({} when empty); one-line errors for a missing file or bad YAML."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--config: no such file {path}; pass a YAML file such as configs/crystal-tiny.yaml")
+        raise ConfigError(f"{flag}: no such file {path}; pass a YAML file such as {example}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Read `path`, apply `a.b.c=value` overrides (values parsed as YAML), and validate."""
+    raw = read_yaml(path, "--config", "configs/crystal-tiny.yaml")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (run, model, optim, ...)")
     return config_from_dict(apply_overrides(raw, overrides))

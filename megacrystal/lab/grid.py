@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, load_config, read_yaml
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -56,12 +56,7 @@ def _as_overrides(value, where: str) -> list[str]:
 def load_grid(path: str | Path, base: str | Path | None = None, extra: list[str] = ()) -> Grid:
     """Read and validate a grid YAML; `base` (else the file's `base:`) is the config every variant starts from."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--grid: no such file {path}; pass a grid YAML such as configs/lab/code-fraction-grid.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    raw = read_yaml(path, "--grid", "configs/lab/code-fraction-grid.yaml")
     if not isinstance(raw, dict) or not isinstance(raw.get("variants"), dict) or not raw["variants"]:
         raise ConfigError(f"{path}: needs a non-empty `variants:` mapping of variant name -> overrides")
     unknown = sorted(set(raw) - {"base", "set", "variants"})
