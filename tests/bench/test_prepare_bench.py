@@ -18,3 +18,13 @@ def test_bench_prepare_small(tmp_path):
     assert best["megacrystal"]["of_sentencepiece_limit"] == round(limit / best["megacrystal"]["seconds"], 3)
     assert json.loads((tmp_path / "out" / "report.json").read_text())["best"] == best
     assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "prepare.png").stat().st_size > 0
+
+
+def test_bench_prepare_skip_names_unknown_sides(tmp_path):
+    import pytest
+
+    from megacrystal.data.errors import DataError
+
+    for skip in (("megacrystal",), ("megatron-lm",)):  # ours always runs; Megatron-LM only with --megatron
+        with pytest.raises(DataError, match="--skip"):
+            run(tmp_path / "in.jsonl", tmp_path / "m.model", tmp_path / "out", 2, 1, None, "none", skip)

@@ -141,3 +141,19 @@ def test_mixture_weights_phases_by_their_steps_and_markdown_shows_each_phase():
     table = markdown(results)
     assert "| variant | mixture | stable: prose | stable: web | stable: all | cooldown: prose |" in table
     assert "| v | prose 1.000 | 1.2500 | 2.0000 | 1.5000 | 0.7500 | 1.5000 | 1.0000 |" in table
+
+
+def test_ablate_slurm_checks_paths_unless_no_check(tmp_path):
+    """The SlimPajama grid's inputs exist only on a cluster: one line names the field, --no-check renders."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "megacrystal", "ablate", "--grid", str(LAB / "slimpajama-sources-grid.yaml"),
+               "--out", str(tmp_path / "out"), "--slurm", "--cpus-per-node", "2"]
+    checked = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert checked.returncode != 0
+    assert "data.datasets.arxiv.inputs" in checked.stderr and "--no-check" in checked.stderr
+    assert len(checked.stderr.strip().splitlines()) == 1 and not (tmp_path / "out" / "slurm").exists()
+    rendered = subprocess.run([*command, "--no-check"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert rendered.returncode == 0, rendered.stderr
+    assert len(list((tmp_path / "out" / "slurm").glob("variant-*.sbatch"))) == 7
