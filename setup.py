@@ -29,7 +29,8 @@ setup(
     python_requires=">=3.11,<3.12",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest==9.2.0", "hypothesis==6.170.15"],
+        "test": ["pytest==9.2.0", "hypothesis==6.170.15",
+                 "datasets==5.2.0"],  # writes a real save_to_disk directory for the reader's test
         # Used only when a GPU is present; never required on the CPU path. `bash launch/setup_env.sh --cuda --te`
         # installs the one for its CUDA (with --no-build-isolation: its torch extension compiles against the CUDA
         # torch already there). 2.11.0 is the newest Transformer Engine megatron-core 0.16.1 declares
