@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from ..checkpoint.errors import CheckpointError
 from ..checkpoint.store import CheckpointStore
 from ..config import ConfigError
@@ -35,6 +33,8 @@ def phase_checkpoints(root: str | Path, phase: str, last: int) -> list[Path]:
 
 def average_weights(paths: list[Path]):
     """A Gathered whose weights are the element-wise mean of the checkpoints' weights (same model required)."""
+    import torch
+
     from ..export.gather import Gathered, gather
 
     total, first = None, None

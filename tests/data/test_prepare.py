@@ -187,3 +187,24 @@ def test_reports_progress_and_tokens_per_second(tmp_path, tok, corpus, capsys):
     prepare_dataset("code", [corpus], tok, tmp_path / "code", workers=1)
     err = capsys.readouterr().err
     assert "prepared code: 120 documents" in err and "tokens/s" in err
+
+
+def test_the_prepare_command_imports_no_torch(tmp_path, tok, corpus):
+    """`megacrystal prepare` is CPU data work on any host: importing torch would add ~1 s to every run."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "crystal-tiny.yaml").read_text())
+    raw["model"]["vocab_size"] = tok.vocab_size
+    raw["data"] = {"source": "indexed", "dir": str(tmp_path / "data"), "tokenizer": {"model": tok.source},
+                   "datasets": {"code": {"inputs": [str(corpus)]}},
+                   "phases": {"one": {"tokens": 4096, "weights": {"code": 1.0}, "lr": {"peak": 0.01}}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    script = ("import sys; from megacrystal.cli import main; code = main(['prepare', '--config', sys.argv[1]]); "
+              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3]); sys.exit(code)")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "c.yaml")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]", run.stdout
+    assert json.loads(meta_path(tmp_path / "data" / "code").read_text())["documents"] == 120
