@@ -77,6 +77,20 @@ def fingerprint(tokenizer_fp: str, options: dict, listing: Sequence[dict]) -> st
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
+def utf8_documents(texts: Sequence[str]) -> tuple[list[bytes], int]:
+    """The texts as UTF-8 (hashed for the split, and read by sentencepiece without converting them again), and
+    how many were repaired: JSON may escape a lone surrogate ("\\ud800"), which sentencepiece rejects, so each
+    one becomes U+FFFD, as a UTF-8 decoder writes for bytes it cannot read."""
+    out, repaired = [], 0
+    for text in texts:
+        try:
+            out.append(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            out.append(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8"))
+            repaired += 1
+    return out, repaired
+
+
 # --- the worker side: raw batch in, token arrays out ---------------------------------------------------------
 class _Tokenize:
     """Parse, score, drop duplicates and tokenize one batch; run by the tokenizer threads."""
@@ -95,9 +109,9 @@ class _Tokenize:
             keep = [w not in self.drop for w in parsed.where]
             removed = len(keep) - sum(keep)
             texts = [t for t, k in zip(texts, keep) if k]
-        encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
+        encoded, parsed.repaired = utf8_documents(texts)
         # Each document ends with EOS, as Crystal's packed data did.
-        tokens, lengths = self.tokenizer.encode_documents(texts, self.dtype)
+        tokens, lengths = self.tokenizer.encode_documents(encoded, self.dtype)
         seed = self.seed
         scores = np.array([int.from_bytes(hashlib.sha256(seed + b).digest()[:8], "little") / 2.0**64
                            for b in encoded], dtype=np.float64)
@@ -287,10 +301,11 @@ def prepare_dataset(name: str, inputs: Sequence[str | os.PathLike], tokenizer: C
     shards.write_json(meta_path(out_prefix), meta)
     if progress:
         r = meta["records"]
+        repaired = f", {r['repaired']} with lone surrogates repaired" if r["repaired"] else ""
         print(f"prepared {name}: {meta['documents']:,} documents, {meta['tokens']:,} tokens in {len(groups)} "
               f"shard(s) (valid {meta['splits']['valid']['documents']} docs; {r['bad']} bad, {r['filtered']} "
-              f"filtered, {meta['duplicates_removed']} duplicates removed); {meta['tokens_per_s']:,.0f} tokens/s",
-              file=sys.stderr)
+              f"filtered, {meta['duplicates_removed']} duplicates removed{repaired}); "
+              f"{meta['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
         for example in r["examples"]:
             print(f"  skipped {example}", file=sys.stderr)
     return PrepareResult("built" if mine else "skipped", out_prefix, meta)

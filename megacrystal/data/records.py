@@ -22,6 +22,7 @@ class Parsed:
     filtered: int = 0
     blank: int = 0
     documents: int = 0  # len(texts), kept when the texts are dropped after tokenizing
+    repaired: int = 0  # documents whose lone surrogates became U+FFFD (set by the tokenizing step)
 
 
 def get_field(record: Any, dotted: str) -> Any:
@@ -119,6 +120,7 @@ class BadRecords:
     bad: int = 0
     filtered: int = 0
     blank: int = 0
+    repaired: int = 0
     examples: list[str] = field(default_factory=list)
     by_reason: dict[str, int] = field(default_factory=dict)
 
@@ -127,6 +129,7 @@ class BadRecords:
         self.documents += parsed.documents
         self.filtered += parsed.filtered
         self.blank += parsed.blank
+        self.repaired += parsed.repaired
         for where, reason in parsed.bad:
             self.bad += 1
             kind = reason.split(" (")[0]
@@ -140,6 +143,7 @@ class BadRecords:
         self.bad += other["bad"]
         self.filtered += other.get("filtered", 0)
         self.blank += other.get("blank", 0)
+        self.repaired += other.get("repaired", 0)
         for k, v in other.get("by_reason", {}).items():
             self.by_reason[k] = self.by_reason.get(k, 0) + v
         self.examples += other.get("examples", [])[:max(0, MAX_EXAMPLES - len(self.examples))]
@@ -164,4 +168,4 @@ class BadRecords:
     def as_dict(self) -> dict:
         """The counts for a meta file."""
         return {"documents": self.documents, "bad": self.bad, "filtered": self.filtered, "blank": self.blank,
-                "by_reason": dict(sorted(self.by_reason.items())), "examples": list(self.examples)}
+                "repaired": self.repaired, "by_reason": dict(sorted(self.by_reason.items())), "examples": list(self.examples)}

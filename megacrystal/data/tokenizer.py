@@ -125,9 +125,9 @@ class CrystalTokenizer:
         """Text to base-vocabulary ids; special-token strings in text stay plain text on purpose."""
         return self._sp.encode(text, out_type=int)
 
-    def encode_documents(self, texts: Sequence[str], dtype) -> tuple[np.ndarray, np.ndarray]:
-        """Encode a batch as documents: one `dtype` array of every text's ids followed by EOS, and the lengths
-        (EOS included). sentencepiece's numpy output skips building a Python int per token."""
+    def encode_documents(self, texts: Sequence[str | bytes], dtype) -> tuple[np.ndarray, np.ndarray]:
+        """Encode a batch as documents (str, or UTF-8 bytes): one `dtype` array of every text's ids followed by
+        EOS, and the lengths (EOS included). sentencepiece's numpy output skips building a Python int per token."""
         if not texts:
             return np.zeros(0, dtype), np.zeros(0, np.int32)
         arrays = self._sp.encode(list(texts), return_type="numpy", num_threads=1)

@@ -62,6 +62,8 @@ CASES = [
     ("bad-json", "one malformed JSON line among 30 good", lambda d: [lines_with(d, b"{not json")], {},
      "ok, 1 bad"),
     ("bad-utf8", "one line of latin-1 bytes", lambda d: [lines_with(d, b'{"text": "caf\xe9"}')], {}, "ok, 1 bad"),
+    ("lone-surrogate", "one record whose text escapes a lone surrogate (\\ud800)",
+     lambda d: [lines_with(d, b'{"text": "bad \\ud800 pair"}')], {}, "ok, 0 bad, 1 repaired"),
     ("missing-field", "one record without the text field", lambda d: [lines_with(d, b'{"body": "x"}')], {},
      "ok, 1 bad"),
     ("int-field", "one record whose text is a number", lambda d: [lines_with(d, b'{"text": 5}')], {}, "ok, 1 bad"),
@@ -148,7 +150,9 @@ def test_malformed_input(case, tmp_path, small_tok, capsys):
     else:
         assert code == 0, err
         meta = json.loads((tmp_path / "data" / "d.meta.json").read_text())
-        assert meta["records"]["bad"] == int(outcome.split(", ")[1].split()[0]), meta["records"]
+        counts = {part.split()[1]: int(part.split()[0]) for part in outcome.split(", ")[1:]}
+        assert meta["records"]["bad"] == counts["bad"], meta["records"]
+        assert meta["records"]["repaired"] == counts.get("repaired", 0), meta["records"]
         assert meta["documents"] >= 1
 
 
