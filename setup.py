@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",  # Hugging Face export
     "zstandard==0.25.0",  # SlimPajama's .jsonl.zst (streaming decompressobj, detects truncation)
     "pyarrow==26.0.1",  # Parquet (StarCoder) and Hugging Face save_to_disk arrow files
+    "orjson==3.13.0",  # JSONL records at ~1.7x the stdlib parser's speed (records.load_json)
     "datasketch==2.0.0",  # MinHash LSH near-duplicate removal (affine32 scheme needs 2.0)
 ]
 

@@ -5,6 +5,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import orjson
+
 from megacrystal.data.errors import DataError
 from megacrystal.data.readers import Batch
 
@@ -23,6 +25,19 @@ class Parsed:
     blank: int = 0
     documents: int = 0  # len(texts), kept when the texts are dropped after tokenizing
     repaired: int = 0  # documents whose lone surrogates became U+FFFD (set by the tokenizing step)
+
+
+def load_json(raw: bytes) -> Any:
+    """One JSON value: orjson's fast parser, and the standard library's for whatever orjson rejects.
+
+    The stdlib parser is the more lenient one (NaN, a lone surrogate, a BOM, UTF-16) and its verdict and error
+    messages are the documented ones, so every record the stdlib accepts is read as before. The one value orjson
+    reads differently is an integer over 64 bits, which it returns as a float; no text field or filter holds one.
+    """
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
 
 
 def get_field(record: Any, dotted: str) -> Any:
@@ -68,7 +83,7 @@ def parse_batch(batch: Batch, text_field: str, filters: Mapping[str, Sequence[st
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw)
+                record = load_json(raw)
             except UnicodeDecodeError:
                 out.bad.append((where, "invalid UTF-8"))
                 continue
