@@ -55,7 +55,7 @@ class DocumentWriter:
 
     def add_many(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Write consecutive documents given as one token array and their lengths."""
-        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)  # no copy into a bytes object
         self.lengths.append(np.asarray(lengths, dtype=np.int32))
         self.documents += len(lengths)
         self.tokens += int(tokens.size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +18,7 @@ import numpy as np
 from megacrystal.data import indexed
 
 DEFAULT_SHARD_BYTES = 256 << 20  # input bytes per shard: big enough to amortize, small enough to redo after a kill
+SYNC_BYTES = 32 << 20  # token bytes written between background syncs of a shard's train file
 
 
 def plan(files: Sequence[Path], sizes: Sequence[int], shard_bytes: int) -> list[list[int]]:
@@ -103,6 +105,11 @@ class ShardWriter:
         self._fh = {s: open(self._tmp(self._paths[s][1]), "wb") for s in indexed.SPLITS}
         self.splits = {s: indexed.DocumentWriter(self._fh[s], self.dtype) for s in indexed.SPLITS}
         self._lowest: tuple[float, int] | None = None  # (score, train doc number): the valid fallback
+        # The train file is synced to disk in the background as it grows, so the fsync that makes the shard
+        # durable at the end waits only for its tail rather than idling the machine while all of it is written.
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="fdatasync")
+        self._sync: Future | None = None
+        self._unsynced = 0
 
     @staticmethod
     def _tmp(path: Path) -> Path:
@@ -112,6 +119,11 @@ class ShardWriter:
         """Write a batch of documents (concatenated tokens + lengths) to train or valid by `held_out`."""
         if not len(lengths):
             return
+        self._unsynced += tokens.size * np.dtype(self.dtype).itemsize
+        if self._unsynced >= SYNC_BYTES and (self._sync is None or self._sync.done()):
+            self._fh["train"].flush()
+            self._sync = self._syncer.submit(os.fdatasync, self._fh["train"].fileno())
+            self._unsynced = 0
         train = self.splits["train"]
         if held_out.any():
             per_token = np.repeat(held_out, lengths)
@@ -153,6 +165,9 @@ class ShardWriter:
 
     def finish(self, need_valid: bool) -> None:
         """Close, move one document to valid if asked and none is there, write the indexes, rename all."""
+        self._syncer.shutdown(wait=True)
+        if self._sync is not None:
+            self._sync.result()  # a failed background sync (disk full, I/O error) fails the shard
         self._fh["train"].close()
         if need_valid and not self.splits["valid"].documents and self.splits["train"].documents > 1:
             self._move_lowest_to_valid()
@@ -172,6 +187,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Remove the temporary files of an unfinished shard."""
+        self._syncer.shutdown(wait=True)
         for split, paths in self._paths.items():
             self._fh[split].close()
             for p in paths:

@@ -95,3 +95,17 @@ def test_slurm_array_script(tmp_path):
     for path in (script, tmp_path / "prep-finish.sh"):
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
     assert "--shard-index" not in (tmp_path / "prep-finish.sh").read_text()
+
+
+def test_background_syncs_leave_the_shards_unchanged(tmp_path, small_tok, corpus, monkeypatch):
+    """With a sync after every few KB written (instead of every 32 MB) the shards are byte-identical."""
+    from megacrystal.data import shards
+
+    kw = dict(valid_fraction=0.05, workers=2, progress=False)
+    prepare_dataset("d", corpus, small_tok, tmp_path / "plain" / "d", **kw)
+    synced = []
+    monkeypatch.setattr(shards, "SYNC_BYTES", 4096)
+    monkeypatch.setattr(shards.os, "fdatasync", lambda fd: synced.append(fd) or os.fsync(fd))
+    prepare_dataset("d", corpus, small_tok, tmp_path / "synced" / "d", **kw)
+    assert len(synced) >= 3
+    assert shard_files(tmp_path / "plain" / "d") == shard_files(tmp_path / "synced" / "d")
