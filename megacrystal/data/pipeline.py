@@ -78,7 +78,7 @@ def prepare(config: Config, shard_index: int = 0, num_shards: int = 1, workers: 
     """Build the corpus, the tokenizer and every dataset of the config; unchanged shards are skipped."""
     from .corpus import build_corpus
     from .prepare import prepare_dataset
-    from .report import write_report
+    from .report import import_plotting_in_background, write_report
 
     d = config.data
     out = data_dir(config)
@@ -90,6 +90,7 @@ def prepare(config: Config, shard_index: int = 0, num_shards: int = 1, workers: 
           f"{tokenizer.num_tokens - tokenizer.base_vocab_size} special, {tokenizer.vocab_size} rows)",
           file=sys.stderr)
     drops = _dedup(config, corpus) if d.dedup != "none" else {}
+    import_plotting_in_background()  # for the report's plot; its imports overlap the tokenizing
     report = {"tokenizer": tok_status, "datasets": {}}
     tokens = 0
     metas = {}
