@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "prepare":
         bound_retained_memory()  # a long streaming pass: flat peak memory
+        # prepare runs no BLAS; numpy's OpenBLAS would start a thread per core that spins after start-up, taking
+        # CPU from the tokenizer threads. Set before numpy is imported (the parser imports none).
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     else:
         keep_freed_memory()  # training steps reuse the same large blocks
     if not args.debug:

@@ -19,9 +19,6 @@ import time
 from pathlib import Path
 
 from ..config.arguments import positive_float, positive_int
-
-import numpy as np
-
 from ..data.errors import DataError
 
 # Megatron-LM's training package imports a Triton kernel module that CPU machines cannot import; preprocessing
@@ -48,28 +45,20 @@ _SPM_LIMIT = textwrap.dedent("""
     print(json.dumps({"seconds": seconds, "tokens": sum(map(len, ids)) + len(ids), "documents": len(ids)}))
 """)
 
-_OURS = textwrap.dedent("""
-    import json, sys, time
-    from pathlib import Path
-    from megacrystal.data.tokenizer import CrystalTokenizer
-    from megacrystal.data.prepare import prepare_dataset
-    from megacrystal.host_memory import bound_retained_memory
-    bound_retained_memory()  # as `megacrystal prepare` does (cli.main)
-    model, jsonl, out, workers, dedup = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
-    tok = CrystalTokenizer.load(model)
-    kw = {}
-    if dedup != "none":
-        import shutil
-        from megacrystal.data.dedup import dedup_datasets
-        shutil.rmtree(Path(out).parent / "dedup", ignore_errors=True)  # every round pays for its dedup pass
-        spec = {"bench": ([jsonl], {"text_field": "text", "filters": {}})}
-        drop, fp, counts = dedup_datasets(spec, Path(out).parent / "dedup", near=dedup == "near",
-                                          workers=workers, progress=False)["bench"]
-        kw = {"drop": drop, "drop_fingerprint": fp, "dedup_counts": counts}
-    r = prepare_dataset("bench", [jsonl], tok, out, workers=workers, progress=False, force=True, **kw)
-    print(json.dumps({"tokens": r.meta["tokens"], "documents": r.meta["documents"],
-                      "duplicates_removed": r.meta["duplicates_removed"]}))
-""")
+
+def _ours_config(path: Path, model: Path, input_jsonl: Path, data_dir: Path, workers: int, dedup: str) -> Path:
+    """A config whose one dataset is the input, for `megacrystal prepare --config` (crystal-tiny's model)."""
+    import yaml
+
+    from ..data.tokenizer import CrystalTokenizer
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "crystal-tiny.yaml").read_text())
+    raw["model"]["vocab_size"] = CrystalTokenizer.load(model).vocab_size
+    raw["data"] = {"source": "indexed", "dir": str(data_dir), "tokenizer": {"model": str(model)},
+                   "workers": workers, "dedup": dedup, "datasets": {"bench": {"inputs": [str(input_jsonl)]}},
+                   "phases": {"one": {"tokens": 4096, "weights": {"bench": 1.0}, "lr": {"peak": 0.01}}}}
+    path.write_text(yaml.safe_dump(raw))
+    return path
 
 
 def _peak_rss_run(cmd: list[str], env: dict, cwd: str | None = None) -> tuple[float, int, str]:
@@ -96,6 +85,8 @@ def _peak_rss_run(cmd: list[str], env: dict, cwd: str | None = None) -> tuple[fl
 
 
 def _megatron_tokens(prefix: Path) -> int:
+    import numpy as np
+
     from ..data.indexed import read_index
 
     _, lengths = read_index(f"{prefix}_text_document")
@@ -115,12 +106,13 @@ def run(input_jsonl: Path, model: Path, out: Path, workers: int, rounds: int, me
         # buffers (what we use); the faster one is the limit.
         "sentencepiece": [py, "-c", _SPM_LIMIT, str(model), str(input_jsonl), str(workers), "int"],
         "sentencepiece-numpy": [py, "-c", _SPM_LIMIT, str(model), str(input_jsonl), str(workers), "numpy"],
-        "megacrystal": [py, "-c", _OURS, str(model), str(input_jsonl), str(work / "ours" / "bench"),
-                        str(workers), "none"],
     }
-    if dedup != "none":
-        sides[f"megacrystal+dedup-{dedup}"] = [py, "-c", _OURS, str(model), str(input_jsonl),
-                                               str(work / "dedup" / "bench"), str(workers), dedup]
+    # Ours is the command a user runs, start-up, report and plot included; every round rebuilds (--force) and
+    # the dedup side also redoes its dedup pass (its directory is removed before each round).
+    ours = {"megacrystal": ("ours", "none")} | ({f"megacrystal+dedup-{dedup}": ("dedup", dedup)}
+                                                 if dedup != "none" else {})
+    for name, (sub, _) in ours.items():
+        sides[name] = [py, "-m", "megacrystal", "prepare", "--config", str(work / f"{sub}.yaml"), "--force"]
     if megatron is not None:
         tool = megatron / "tools" / "preprocess_data.py"
         if not tool.is_file():
@@ -134,17 +126,25 @@ def run(input_jsonl: Path, model: Path, out: Path, workers: int, rounds: int, me
         raise DataError(f"--skip {','.join(sorted(unknown))}: not a side to skip (sides: {', '.join(sides)}; "
                         f"megacrystal always runs)")
     sides = {name: cmd for name, cmd in sides.items() if name not in skip}
-    for sub in ("ours", "dedup", "megatron"):
-        (work / sub).mkdir(parents=True, exist_ok=True)
+    (work / "megatron").mkdir(parents=True, exist_ok=True)
+    for name, (sub, mode) in ours.items():
+        if name in sides:
+            (work / sub).mkdir(parents=True, exist_ok=True)
+            _ours_config(work / f"{sub}.yaml", model, input_jsonl, work / sub, workers, mode)
     results: dict[str, list[dict]] = {name: [] for name in sides}
     for r in range(rounds):
         for name, cmd in (sides.items() if r % 2 == 0 else reversed(list(sides.items()))):
             env_side = dict(env, PYTHONPATH=f"{megatron}{os.pathsep}{env['PYTHONPATH']}") if name == "megatron-lm" \
                 else env
+            if name in ours:
+                shutil.rmtree(work / ours[name][0] / "dedup", ignore_errors=True)
             seconds, peak, stdout = _peak_rss_run(cmd, env_side)
             row = {"round": r, "seconds": round(seconds, 3), "peak_rss_mb": round(peak / 2**20, 1)}
             if name == "megatron-lm":
                 row["tokens"] = _megatron_tokens(work / "megatron" / "bench")
+            elif name in ours:
+                meta = json.loads((work / ours[name][0] / "bench.meta.json").read_text())
+                row.update({k: meta[k] for k in ("tokens", "documents", "duplicates_removed")})
             else:
                 measured = json.loads(stdout.strip().splitlines()[-1])
                 if name.startswith("sentencepiece"):  # wall time includes reading the texts; the limit is the encode
@@ -186,7 +186,8 @@ def _report(out: Path, input_jsonl: Path, model: Path, workers: int, rounds: int
     lines += ["", f"Identical token counts (without dedup): {report['identical_token_counts']}. The "
               "sentencepiece rows time only `encode(texts, num_threads=workers)` of texts already in memory (ids "
               "as Python lists, and as numpy buffers); the limit is the faster of the two. The other rows are "
-              "whole processes (start-up, reading, parsing, writing)."]
+              "whole processes as a user runs them (start-up, reading, parsing, writing; ours is `megacrystal "
+              "prepare --config` with its report and plot)."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     _plot(out / "prepare.png", best)
     return report

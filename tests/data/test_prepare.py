@@ -189,8 +189,9 @@ def test_reports_progress_and_tokens_per_second(tmp_path, tok, corpus, capsys):
     assert "prepared code: 120 documents" in err and "tokens/s" in err
 
 
-def test_the_prepare_command_imports_no_torch(tmp_path, tok, corpus):
-    """`megacrystal prepare` is CPU data work on any host: importing torch would add ~1 s to every run."""
+def test_the_prepare_command_imports_no_torch_and_leaves_no_thread(tmp_path, tok, corpus):
+    """`megacrystal prepare` is CPU data work on any host: importing torch would add ~1 s to every run, and
+    OpenBLAS threads (numpy starts one per core unless told not to) spin beside the tokenizer threads."""
     import subprocess
     import sys
 
@@ -203,8 +204,9 @@ def test_the_prepare_command_imports_no_torch(tmp_path, tok, corpus):
                    "phases": {"one": {"tokens": 4096, "weights": {"code": 1.0}, "lr": {"peak": 0.01}}}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     script = ("import sys; from megacrystal.cli import main; code = main(['prepare', '--config', sys.argv[1]]); "
-              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3]); sys.exit(code)")
+              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3]); "
+              "import os; print(len(os.listdir('/proc/self/task'))); sys.exit(code)")
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "c.yaml")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "[]", run.stdout
+    assert run.stdout.split() == ["[]", "1"], run.stdout  # no torch; the main thread is the only one left
     assert json.loads(meta_path(tmp_path / "data" / "code").read_text())["documents"] == 120
