@@ -49,6 +49,11 @@ def get_field(record: Any, dotted: str) -> Any:
     return record
 
 
+def _blank(text: str | bytes) -> bool:
+    """Empty or only whitespace; isspace() stops at the first other character, strip() would copy the text."""
+    return not text or text.isspace()
+
+
 def _keep(values: Mapping[str, Any], filters: Mapping[str, Sequence[str]]) -> bool:
     return all(values.get(f) in allowed for f, allowed in filters.items())
 
@@ -59,7 +64,7 @@ def _take(out, where: str, text, reason: str | None, kept) -> None:
         out.bad.append((where, reason))
     elif not kept():
         out.filtered += 1
-    elif not text.strip():
+    elif _blank(text):
         out.blank += 1
     else:
         out.texts.append(text)
@@ -80,7 +85,7 @@ def parse_batch(batch: Batch, text_field: str, filters: Mapping[str, Sequence[st
     if batch.kind == "jsonl":
         for i, raw in enumerate(batch.items):
             where = f"{batch.file}:{batch.first + i}"
-            if not raw.strip():
+            if _blank(raw):
                 continue
             try:
                 record = load_json(raw)
@@ -106,7 +111,7 @@ def parse_batch(batch: Batch, text_field: str, filters: Mapping[str, Sequence[st
             except UnicodeDecodeError as e:
                 out.bad.append((name, f"invalid UTF-8 at byte {e.start}"))
                 continue
-            if text.strip():
+            if not _blank(text):
                 out.texts.append(text)
                 out.where.append(name)
             else:
