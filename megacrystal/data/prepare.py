@@ -160,6 +160,11 @@ def _build_shard(name: str, shard_prefix: str, files: Sequence[Path], fp: str, l
             hist += np.histogram(lengths, LENGTH_BINS)[0]
             progress.update(len(lengths), int(nbytes.sum()), int(tokens.size))
         out.finish(need_valid=opts.valid_fraction > 0)
+    except OSError as e:  # the readers turn input errors into bad records: this is the output side
+        out.abort()
+        raise DataError(f"dataset '{name}': writing shard {shard_prefix} failed ({e.strerror or e}); fix the "
+                        f"disk under {Path(shard_prefix).parent} (space, permissions) and rerun prepare: finished "
+                        f"shards are kept") from e
     except BaseException:
         out.abort()
         raise

@@ -121,19 +121,22 @@ class ShardWriter:
             return
         self._unsynced += tokens.size * np.dtype(self.dtype).itemsize
         if self._unsynced >= SYNC_BYTES and (self._sync is None or self._sync.done()):
+            if self._sync is not None:
+                self._sync.result()  # a failed sync (disk full, I/O error) fails the shard
             self._fh["train"].flush()
             self._sync = self._syncer.submit(os.fdatasync, self._fh["train"].fileno())
             self._unsynced = 0
         train = self.splits["train"]
         if held_out.any():
-            per_token = np.repeat(held_out, lengths)
-            self.splits["valid"].add_many(tokens[per_token], lengths[held_out])
             keep = ~held_out
-            first = train.documents
             if keep.any():
                 i = int(np.argmin(np.where(keep, scores, np.inf)))
-                self._note_lowest(scores[i], first + int(keep[:i].sum()))
-            train.add_many(tokens[~per_token], lengths[keep])
+                self._note_lowest(scores[i], train.documents + int(keep[:i].sum()))
+            # Held-out documents are few: write the runs of documents between them as slices (no token masks).
+            ends = np.cumsum(lengths, dtype=np.int64)
+            for split, first, last in _runs(held_out):
+                self.splits["valid" if split else "train"].add_many(
+                    tokens[ends[first] - lengths[first]:ends[last - 1]], lengths[first:last])
         else:
             i = int(np.argmin(scores))
             self._note_lowest(scores[i], train.documents + i)
@@ -167,7 +170,7 @@ class ShardWriter:
         """Close, move one document to valid if asked and none is there, write the indexes, rename all."""
         self._syncer.shutdown(wait=True)
         if self._sync is not None:
-            self._sync.result()  # a failed background sync (disk full, I/O error) fails the shard
+            self._sync.result()
         self._fh["train"].close()
         if need_valid and not self.splits["valid"].documents and self.splits["train"].documents > 1:
             self._move_lowest_to_valid()
@@ -192,6 +195,13 @@ class ShardWriter:
             self._fh[split].close()
             for p in paths:
                 self._tmp(p).unlink(missing_ok=True)
+
+
+def _runs(flags: np.ndarray) -> list[tuple[bool, int, int]]:
+    """(flag, first, end) of each run of equal flags, in order."""
+    edges = np.flatnonzero(flags[1:] != flags[:-1]) + 1
+    bounds = [0, *edges.tolist(), len(flags)]
+    return [(bool(flags[a]), a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _copy(fin, fout, count: int | None) -> None:

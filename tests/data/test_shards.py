@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from megacrystal.data.errors import DataError
 from megacrystal.data.prepare import meta_path, prepare_dataset
 from megacrystal.data.prepare_slurm import render
 
@@ -109,3 +110,19 @@ def test_background_syncs_leave_the_shards_unchanged(tmp_path, small_tok, corpus
     prepare_dataset("d", corpus, small_tok, tmp_path / "synced" / "d", **kw)
     assert len(synced) >= 3
     assert shard_files(tmp_path / "plain" / "d") == shard_files(tmp_path / "synced" / "d")
+
+
+def test_a_failed_background_sync_fails_the_shard(tmp_path, small_tok, corpus, monkeypatch):
+    """An I/O error seen by a background sync stops prepare with one line, and no half shard is left behind."""
+    import errno
+
+    from megacrystal.data import shards
+
+    def broken(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(shards, "SYNC_BYTES", 4096)
+    monkeypatch.setattr(shards.os, "fdatasync", broken)
+    with pytest.raises(DataError, match=r"writing shard .*d-00000 failed \(Input/output error\); fix the disk"):
+        prepare_dataset("d", corpus, small_tok, tmp_path / "d", workers=1, progress=False)
+    assert not list(tmp_path.glob("d-*.json")) and not list(tmp_path.glob("d-*.tmp"))
