@@ -2,7 +2,8 @@
 sentencepiece's own in-memory multi-thread encode (the limit), on the same JSONL, tokenizer and workers.
 
 Sides run as separate processes, alternated round by round (a host whose speed drifts moves all sides alike);
-the best round of each counts. Each side's wall time includes its start-up (imports), as a user sees it; peak
+the best round of each counts. Several inputs (e.g. one corpus at 142 MB and 1 GB) each get their report under
+--out/<n>-<size>mb/, and one summary at --out compares them, peak memory growth included. Each side's wall time includes its start-up (imports), as a user sees it; peak
 memory is the largest summed RSS of the side's process tree, sampled every 50 ms. Writes report.json, report.md
 and a PNG under --out.
 """
@@ -18,11 +19,13 @@ import textwrap
 import time
 from pathlib import Path
 
-from ..config.arguments import positive_float, positive_int
+from ..config.arguments import positive_float, positive_int, positive_ints
 from ..data.errors import DataError
 
 # Megatron-LM's training package imports a Triton kernel module that CPU machines cannot import; preprocessing
 # never runs it, so the runner puts a stand-in for that one module in sys.modules and runs the tool unchanged.
+LIST_ENCODE_BYTES_PER_BYTE = 14  # sentencepiece's ids as Python int lists, per byte of JSONL input (measured)
+
 _MEGATRON_RUNNER = textwrap.dedent("""
     import runpy, sys, types
     stub = types.ModuleType("megatron.core.transformer.custom_layers.batch_invariant_kernels")
@@ -125,6 +128,12 @@ def run(input_jsonl: Path, model: Path, out: Path, workers: int, rounds: int, me
     if unknown:
         raise DataError(f"--skip {','.join(sorted(unknown))}: not a side to skip (sides: {', '.join(sides)}; "
                         f"megacrystal always runs)")
+    notes = {}
+    need, free = LIST_ENCODE_BYTES_PER_BYTE * input_jsonl.stat().st_size, _available_memory()
+    if "sentencepiece" not in skip and need > free:
+        skip = (*skip, "sentencepiece")
+        notes["sentencepiece"] = (f"not run: its Python int lists need ~{need / 1e9:.0f} GB, {free / 1e9:.0f} GB "
+                                  f"is available")
     sides = {name: cmd for name, cmd in sides.items() if name not in skip}
     (work / "megatron").mkdir(parents=True, exist_ok=True)
     for name, (sub, mode) in ours.items():
@@ -152,10 +161,26 @@ def run(input_jsonl: Path, model: Path, out: Path, workers: int, rounds: int, me
                 row.update(measured)
             results[name].append(row)
             print(f"round {r} {name}: {row}", file=sys.stderr, flush=True)
-    return _report(out, input_jsonl, model, workers, rounds, results)
+    return _report(out, input_jsonl, model, workers, rounds, results, notes)
 
 
-def _report(out: Path, input_jsonl: Path, model: Path, workers: int, rounds: int, results: dict) -> dict:
+def _available_memory() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def _per_round_ratio(results: dict, rounds: int) -> list[float]:
+    """Each round's limit (the faster sentencepiece encode of that round) over megacrystal's time that round."""
+    out = []
+    for r in range(rounds):
+        limit = min(rows[r]["encode_seconds"] for name, rows in results.items() if name.startswith("sentencepiece"))
+        out.append(round(limit / results["megacrystal"][r]["seconds"], 3))
+    return out
+
+
+def _report(out: Path, input_jsonl: Path, model: Path, workers: int, rounds: int, results: dict,
+            notes: dict) -> dict:
     mb = input_jsonl.stat().st_size / 1e6
     best = {}
     for name, rows in results.items():
@@ -173,7 +198,8 @@ def _report(out: Path, input_jsonl: Path, model: Path, workers: int, rounds: int
             b["vs_megatron"] = round(best["megatron-lm"]["seconds"] / b["seconds"], 3)
     report = {"input": str(input_jsonl), "input_mb": round(mb, 2), "tokenizer": str(model), "workers": workers,
               "rounds": rounds, "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
-              "best": best, "runs": results,
+              "best": best, "runs": results, "notes": notes,
+              "of_sentencepiece_limit_per_round": _per_round_ratio(results, rounds) if limits else [],
               "identical_token_counts": len({b["tokens"] for n, b in best.items() if "dedup" not in n}) == 1}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     lines = [f"# prepare benchmark: {mb:.1f} MB JSONL, {workers} workers, best of {rounds} alternated rounds", "",
@@ -188,9 +214,62 @@ def _report(out: Path, input_jsonl: Path, model: Path, workers: int, rounds: int
               "as Python lists, and as numpy buffers); the limit is the faster of the two. The other rows are "
               "whole processes as a user runs them (start-up, reading, parsing, writing; ours is `megacrystal "
               "prepare --config` with its report and plot)."]
+    lines += [f"{name}: {note}." for name, note in notes.items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     _plot(out / "prepare.png", best)
     return report
+
+
+def run_inputs(inputs: list[Path], model: Path, out: Path, workers: int, rounds: int, megatron: Path | None,
+               dedup: str, skip: tuple[str, ...] = ()) -> dict:
+    """run() on each input (its report under out/<size>mb), then one summary over them: out/report.{md,json}."""
+    reports = []
+    for i, path in enumerate(inputs):
+        label = f"{i + 1}-{path.stat().st_size / 1e6:.0f}mb"
+        reports.append(dict(run(path, model, out / label, workers, rounds, megatron, dedup, skip), label=label))
+    return _summary(out, reports)
+
+
+def _summary(out: Path, reports: list[dict]) -> dict:
+    rows = []
+    for rep in reports:
+        best = rep["best"]
+        ours = best["megacrystal"]
+        dedup = next((b for n, b in best.items() if "dedup" in n), None)
+        rows.append({"input_mb": rep["input_mb"], "megacrystal_seconds": ours["seconds"],
+                     "of_sentencepiece_limit": ours["of_sentencepiece_limit"],
+                     "of_limit_per_round": rep["of_sentencepiece_limit_per_round"],
+                     "vs_list_encode": round(best["sentencepiece"]["seconds"] / ours["seconds"], 3)
+                     if "sentencepiece" in best else None,
+                     "vs_megatron": ours.get("vs_megatron"), "identical_token_counts": rep["identical_token_counts"],
+                     "peak_rss_mb": ours["peak_rss_mb"], "dedup_mb_per_s": dedup["mb_per_s"] if dedup else None})
+    growth = round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"] - 1, 3) if len(rows) > 1 else None
+    summary = {"workers": reports[0]["workers"], "rounds": reports[0]["rounds"], "rows": rows,
+               "peak_rss_growth": growth, "inputs": [r["input"] for r in reports]}
+    (out / "report.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    lines = [f"# prepare benchmark: {len(rows)} input(s), {summary['workers']} workers, best of "
+             f"{summary['rounds']} alternated rounds", "",
+             "| input MB | megacrystal s | of sentencepiece limit (per round) | vs list encode | vs Megatron-LM | "
+             "identical tokens | peak RSS MB | with dedup MB/s |", "|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['input_mb']:,.1f} | {r['megacrystal_seconds']:.2f} | {r['of_sentencepiece_limit']:.3f} "
+                     f"({' / '.join(f'{x:.3f}' for x in r['of_limit_per_round'])}) | "
+                     f"{num(r['vs_list_encode'], '.2f')} | {num(r['vs_megatron'], '.2f')} | "
+                     f"{r['identical_token_counts']} | {r['peak_rss_mb']:.0f} | {num(r['dedup_mb_per_s'], '.2f')} |")
+    if growth is not None:
+        lines += ["", f"Peak RSS of `megacrystal prepare` from {rows[0]['input_mb']:,.0f} MB to "
+                      f"{rows[-1]['input_mb']:,.0f} MB of input: {rows[0]['peak_rss_mb']:.0f} -> "
+                      f"{rows[-1]['peak_rss_mb']:.0f} MB ({growth:+.1%})."]
+    for rep in reports:
+        sub = out / rep["label"]
+        lines += ["", f"## {rep['input_mb']:,.1f} MB ({sub.name}/)", ""]
+        lines += (sub / "report.md").read_text().splitlines()[2:]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return summary
 
 
 def _plot(path: Path, best: dict) -> None:
@@ -242,9 +321,13 @@ def register(subparsers) -> None:
     """Add `megacrystal bench-prepare`."""
     p = subparsers.add_parser("bench-prepare", help="benchmark prepare against Megatron-LM's preprocess_data.py "
                                                     "and sentencepiece's in-memory encode")
-    p.add_argument("--input", help="JSONL with a `text` field (default: this machine's Python sources, --mb MB)")
+    p.add_argument("--input", action="append", default=[],
+                   help="JSONL with a `text` field; repeat for several sizes (default: this machine's Python "
+                        "sources, --mb MB)")
     p.add_argument("--mb", type=positive_float, default=20.0, help="text in the default input in MB (default 20)")
-    p.add_argument("--repeat", type=positive_int, default=1, help="write the default input this many times over")
+    p.add_argument("--repeat", type=positive_ints, default=[1], metavar="K[,K...]",
+                   help="one default input per K, the --mb text written K times over (e.g. 1,7 for 142 MB and "
+                        "1 GB from --mb 142)")
     p.add_argument("--tokenizer", help="sentencepiece .model (default: train a --vocab BPE on the input)")
     p.add_argument("--vocab", type=positive_int, default=32000, help="pieces of the default tokenizer (32000)")
     p.add_argument("--workers", type=positive_int, default=2)
@@ -265,22 +348,26 @@ def _main(args) -> int:
             raise DataError(f"--{flag} {getattr(args, flag)}: give a positive number")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.input:
-        jsonl = Path(args.input)
-        if not jsonl.is_file():
-            raise DataError(f"--input {jsonl} does not exist")
-    else:
-        jsonl = python_sources_jsonl(out / "input.jsonl", int(args.mb * 1e6), args.repeat)
+    inputs = [Path(p) for p in args.input]
+    for path in inputs:
+        if not path.is_file():
+            raise DataError(f"--input {path} does not exist")
+    if args.tokenizer and not Path(args.tokenizer).is_file():
+        raise DataError(f"--tokenizer {args.tokenizer} does not exist")
+    generated = [] if inputs else [python_sources_jsonl(out / f"input-x{k}.jsonl", int(args.mb * 1e6), k)
+                                   for k in args.repeat]
+    inputs = inputs or generated
     if args.tokenizer:
         model = Path(args.tokenizer)
     else:
         from ..data.tokenizer import train_tokenizer
 
-        model = train_tokenizer([jsonl], out / "tokenizer", args.vocab, max_sentences=1_000_000, num_threads=2)
-    report = run(jsonl, model, out, args.workers, args.rounds, Path(args.megatron) if args.megatron else None,
-                 args.dedup, tuple(filter(None, args.skip.split(","))))
-    shutil.rmtree(out / "work", ignore_errors=True)
-    if not args.input:
-        (out / "input.jsonl").unlink()
+        model = train_tokenizer([inputs[0]], out / "tokenizer", args.vocab, max_sentences=1_000_000, num_threads=2)
+    report = run_inputs(inputs, model, out, args.workers, args.rounds, Path(args.megatron) if args.megatron else None,
+                        args.dedup, tuple(filter(None, args.skip.split(","))))
+    for sub in out.glob("*-*mb/work"):
+        shutil.rmtree(sub, ignore_errors=True)
+    for path in generated:
+        path.unlink()
     print((out / "report.md").read_text())
     return 0 if report else 1

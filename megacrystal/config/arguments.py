@@ -29,6 +29,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_ints(text: str) -> list[int]:
+    """A comma-separated list of integers >= 1."""
+    return [positive_int(part) for part in text.split(",")]
+
+
 def nonnegative_int(text: str) -> int:
     """An integer >= 0."""
     value = _number(int, text)
