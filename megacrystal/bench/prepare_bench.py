@@ -3,9 +3,9 @@ sentencepiece's own in-memory multi-thread encode (the limit), on the same JSONL
 
 Sides run as separate processes, alternated round by round (a host whose speed drifts moves all sides alike);
 the best round of each counts. Several inputs (e.g. one corpus at 142 MB and 1 GB) each get their report under
---out/<n>-<size>mb/, and one summary at --out compares them, peak memory growth included. Each side's wall time includes its start-up (imports), as a user sees it; peak
-memory is the largest summed RSS of the side's process tree, sampled every 50 ms. Writes report.json, report.md
-and a PNG under --out.
+--out/<n>-<size>mb/, and one summary at --out compares them, peak memory growth included. Each side's wall time
+includes its start-up (imports), as a user sees it; peak memory is the largest summed RSS of the side's process
+tree, sampled every 50 ms.
 """
 from __future__ import annotations
 
@@ -221,16 +221,16 @@ def _report(out: Path, input_jsonl: Path, model: Path, workers: int, rounds: int
 
 
 def run_inputs(inputs: list[Path], model: Path, out: Path, workers: int, rounds: int, megatron: Path | None,
-               dedup: str, skip: tuple[str, ...] = ()) -> dict:
-    """run() on each input (its report under out/<size>mb), then one summary over them: out/report.{md,json}."""
+               dedup: str, skip: tuple[str, ...] = (), note: str = "") -> dict:
+    """run() on each input (its report under out/<n>-<size>mb), then one summary over them: out/report.{md,json}."""
     reports = []
     for i, path in enumerate(inputs):
         label = f"{i + 1}-{path.stat().st_size / 1e6:.0f}mb"
         reports.append(dict(run(path, model, out / label, workers, rounds, megatron, dedup, skip), label=label))
-    return _summary(out, reports)
+    return _summary(out, reports, note)
 
 
-def _summary(out: Path, reports: list[dict]) -> dict:
+def _summary(out: Path, reports: list[dict], note: str = "") -> dict:
     rows = []
     for rep in reports:
         best = rep["best"]
@@ -245,7 +245,7 @@ def _summary(out: Path, reports: list[dict]) -> dict:
                      "peak_rss_mb": ours["peak_rss_mb"], "dedup_mb_per_s": dedup["mb_per_s"] if dedup else None})
     growth = round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"] - 1, 3) if len(rows) > 1 else None
     summary = {"workers": reports[0]["workers"], "rounds": reports[0]["rounds"], "rows": rows,
-               "peak_rss_growth": growth, "inputs": [r["input"] for r in reports]}
+               "peak_rss_growth": growth, "inputs": [r["input"] for r in reports], "note": note}
     (out / "report.json").write_text(json.dumps(summary, indent=1) + "\n")
 
     def num(x, fmt):
@@ -264,6 +264,8 @@ def _summary(out: Path, reports: list[dict]) -> dict:
         lines += ["", f"Peak RSS of `megacrystal prepare` from {rows[0]['input_mb']:,.0f} MB to "
                       f"{rows[-1]['input_mb']:,.0f} MB of input: {rows[0]['peak_rss_mb']:.0f} -> "
                       f"{rows[-1]['peak_rss_mb']:.0f} MB ({growth:+.1%})."]
+    if note:
+        lines += ["", note]
     for rep in reports:
         sub = out / rep["label"]
         lines += ["", f"## {rep['input_mb']:,.1f} MB ({sub.name}/)", ""]
@@ -363,11 +365,16 @@ def _main(args) -> int:
         from ..data.tokenizer import train_tokenizer
 
         model = train_tokenizer([inputs[0]], out / "tokenizer", args.vocab, max_sentences=1_000_000, num_threads=2)
+    note = " ".join(filter(None, [
+        f"Inputs built by the command from this machine's Python sources (--mb {args.mb:g} --repeat "
+        f"{','.join(map(str, args.repeat))}) and deleted after the run." if generated else "",
+        "" if args.tokenizer else f"Tokenizer: a {args.vocab:,}-piece BPE the command trained on the first input "
+                                  f"(deleted after the run; the same arguments train it again byte for byte)."]))
     report = run_inputs(inputs, model, out, args.workers, args.rounds, Path(args.megatron) if args.megatron else None,
-                        args.dedup, tuple(filter(None, args.skip.split(","))))
+                        args.dedup, tuple(filter(None, args.skip.split(","))), note)
     for sub in out.glob("*-*mb/work"):
         shutil.rmtree(sub, ignore_errors=True)
-    for path in generated:
+    for path in generated + ([] if args.tokenizer else [model]):
         path.unlink()
     print((out / "report.md").read_text())
     return 0 if report else 1

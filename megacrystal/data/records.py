@@ -32,7 +32,8 @@ def load_json(raw: bytes) -> Any:
 
     The stdlib parser is the more lenient one (NaN, a lone surrogate, a BOM, UTF-16) and its verdict and error
     messages are the documented ones, so every record the stdlib accepts is read as before. The one value orjson
-    reads differently is an integer over 64 bits, which it returns as a float; no text field or filter holds one.
+    reads differently is an integer over 64 bits, which it returns as a float: as a text field it is a bad record
+    either way (reported as float), and only a filter on such an integer would see the difference.
     """
     try:
         return orjson.loads(raw)
@@ -188,4 +189,5 @@ class BadRecords:
     def as_dict(self) -> dict:
         """The counts for a meta file."""
         return {"documents": self.documents, "bad": self.bad, "filtered": self.filtered, "blank": self.blank,
-                "repaired": self.repaired, "by_reason": dict(sorted(self.by_reason.items())), "examples": list(self.examples)}
+                "repaired": self.repaired, "by_reason": dict(sorted(self.by_reason.items())),
+                "examples": list(self.examples)}
