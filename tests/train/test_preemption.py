@@ -18,8 +18,8 @@ STEPS = 12  # tests/conftest.py SYNTHETIC: a checkpoint every 2 steps
 pytestmark = pytest.mark.slow
 
 
-def _command(nproc: int, config: Path, run_dir: Path) -> list[str]:
-    args = ["--set", f"run.dir={run_dir}"]
+def _command(nproc: int, config: Path, run_dir: Path, *extra: str) -> list[str]:
+    args = ["--set", f"run.dir={run_dir}", *extra]
     if nproc == 1:
         return [sys.executable, "-m", "megacrystal", "train", "--config", str(config), *args]
     return ["bash", str(ROOT / "launch" / "local.sh"), str(nproc), str(config), *args]
@@ -30,14 +30,14 @@ def _steps_done(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def _losses(run_dir: Path) -> list[float]:
+def _losses(run_dir: Path, steps: int = STEPS) -> list[float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
     return [r["loss"] for r in records]
 
 
-def _start(nproc, config, run_dir):
-    return subprocess.Popen(_command(nproc, config, run_dir), cwd=ROOT, stdout=subprocess.PIPE,
+def _start(nproc, config, run_dir, *extra):
+    return subprocess.Popen(_command(nproc, config, run_dir, *extra), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -76,13 +76,17 @@ def config(synthetic_config) -> Path:
 
 
 def test_sigkill_and_sigterm_of_one_rank_then_resume_reproduce_the_run(config, tmp_path):
+    # Twice the usual steps: a SIGTERM sent after step 7 must land while steps are left (with 12 steps the run
+    # could finish first on a fast host).
+    longer = ("--set", f"train.steps={2 * STEPS}")
     reference = tmp_path / "uninterrupted"
-    done = subprocess.run(_command(2, config, reference), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_command(2, config, reference, *longer), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr
 
     run = tmp_path / "preempted"
     # 1. SIGKILL rank 1 after step 3: the run dies; at most the steps since the last checkpoint are lost.
-    proc = _start(2, config, run)
+    proc = _start(2, config, run, *longer)
     _wait_for_step(proc, run, 3)
     _ranks(proc)[1].kill()
     proc.communicate(timeout=120)
@@ -91,7 +95,7 @@ def test_sigkill_and_sigterm_of_one_rank_then_resume_reproduce_the_run(config, t
 
     # 2. Relaunch with --resume auto (the default); SIGTERM only rank 1 after step 7: every rank agrees at the
     #    next step boundary, saves, and exits with the documented code.
-    proc = _start(2, config, run)
+    proc = _start(2, config, run, *longer)
     seen = _wait_for_step(proc, run, 7)
     _ranks(proc)[1].send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
@@ -99,9 +103,9 @@ def test_sigkill_and_sigterm_of_one_rank_then_resume_reproduce_the_run(config, t
     assert seen <= _latest_step(run) <= seen + 2  # within one step of the request
 
     # 3. Resume to the end: the curve is the uninterrupted one, bit for bit.
-    final = subprocess.run(_command(2, config, run), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    final = subprocess.run(_command(2, config, run, *longer), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr
-    assert _losses(run) == _losses(reference)
+    assert _losses(run, 2 * STEPS) == _losses(reference, 2 * STEPS)
 
 
 def test_sigterm_single_process_saves_and_exits_75(config, tmp_path):
