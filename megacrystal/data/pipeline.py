@@ -90,7 +90,8 @@ def prepare(config: Config, shard_index: int = 0, num_shards: int = 1, workers: 
           f"{tokenizer.num_tokens - tokenizer.base_vocab_size} special, {tokenizer.vocab_size} rows)",
           file=sys.stderr)
     drops = _dedup(config, corpus) if d.dedup != "none" else {}
-    import_plotting_in_background()  # for the report's plot; its imports overlap the tokenizing
+    if num_shards == 1:  # this process writes the report: its plot's imports overlap the tokenizing
+        import_plotting_in_background()
     report = {"tokenizer": tok_status, "datasets": {}}
     tokens = 0
     metas = {}
