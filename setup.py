@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "pydantic==2.14.3",
     "PyYAML==6.0.3",
     "sentencepiece==0.2.3",
+    "protobuf==7.36.2",  # reads a sentencepiece model's normalizer (its model_pb2 needs >= 7.36.1)
     "tensorboard==2.21.0",
     "tqdm==4.70.1",
     "matplotlib==3.11.2",

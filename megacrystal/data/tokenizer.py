@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -24,6 +25,14 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 )
 # 32000 + 18 rounded up to a multiple of 32 is Crystal's 32032 embedding rows.
 DEFAULT_PAD_MULTIPLE = 32
+SPACE = "\u2581"  # SentencePiece's visible space
+# sentencepiece's BPE gets slower per byte as its input grows (its merge queue spans the whole text), so long
+# documents are encoded in segments of about this many bytes, cut where no merge can cross: same ids, less time.
+SEGMENT_BYTES = 256
+# A cut goes before a space that follows neither a space nor a visible space: the text around it normalizes to
+# "x▁", and a model without any piece containing a non-▁ character followed by ▁ never merges across it.
+_CUT = {bytes: re.compile(rb"(?<! )(?<!\xe2\x96\x81) "), str: re.compile(f"(?<![ {SPACE}]) ")}
+_CROSSES_CUT = re.compile(f"[^{SPACE}]{SPACE}")
 
 
 def pad_to_multiple(n: int, multiple: int) -> int:
@@ -40,6 +49,7 @@ class CrystalTokenizer:
                  source: str = "<bytes>"):
         self._proto = bytes(model_proto)
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        self._continuation = _continuation_model(self._proto)
         self.source = source
         self.base_vocab_size = self._sp.get_piece_size()
         self.num_tokens = self.base_vocab_size + len(SPECIAL_TOKENS)
@@ -125,16 +135,36 @@ class CrystalTokenizer:
         """Text to base-vocabulary ids; special-token strings in text stay plain text on purpose."""
         return self._sp.encode(text, out_type=int)
 
-    def encode_documents(self, texts: Sequence[str | bytes], dtype) -> tuple[np.ndarray, np.ndarray]:
+    def encode_documents(self, texts: Sequence[str | bytes], dtype,
+                         segment: int = SEGMENT_BYTES) -> tuple[np.ndarray, np.ndarray]:
         """Encode a batch as documents (str, or UTF-8 bytes): one `dtype` array of every text's ids followed by
-        EOS, and the lengths (EOS included). sentencepiece's numpy output skips building a Python int per token."""
+        EOS, and the lengths (EOS included). The ids equal `encode` of each whole text; a text longer than twice
+        `segment` is encoded in segments where the model allows it (see SEGMENT_BYTES). sentencepiece's numpy
+        output skips building a Python int per token."""
         if not texts:
             return np.zeros(0, dtype), np.zeros(0, np.int32)
-        arrays = self._sp.encode(list(texts), return_type="numpy", num_threads=1)
+        if self._continuation is None:
+            heads, rests, counts = list(texts), [], itertools.repeat(0)
+        else:
+            heads, rests, counts = _segments(texts, segment)
+        head_ids = self._sp.encode(heads, return_type="numpy", num_threads=1)
+        rest_ids = iter(self._continuation.encode(rests, return_type="numpy", num_threads=1) if rests else ())
         eos = np.array([self.eos_id], np.int32)
-        lengths = np.fromiter((a.size + 1 for a in arrays), np.int32, len(arrays))
-        tokens = np.concatenate([x for a in arrays for x in (a, eos)], dtype=dtype, casting="unsafe")
-        return tokens, lengths
+        parts, lengths = [], np.empty(len(heads), np.int32)
+        for i, (ids, count) in enumerate(zip(head_ids, counts)):
+            parts.append(ids)
+            size = ids.size + 1
+            for ids in itertools.islice(rest_ids, count):
+                parts.append(ids)
+                size += ids.size
+            parts.append(eos)
+            lengths[i] = size
+        return np.concatenate(parts, dtype=dtype, casting="unsafe"), lengths
+
+    @property
+    def segmented(self) -> bool:
+        """Whether `encode_documents` may encode long documents in segments (see SEGMENT_BYTES)."""
+        return self._continuation is not None
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids to text; special ids become their strings, padding ids (unused rows) become nothing."""
@@ -171,6 +201,37 @@ class CrystalTokenizer:
 
     def __len__(self) -> int:
         return self.num_tokens
+
+
+def _continuation_model(proto: bytes) -> spm.SentencePieceProcessor | None:
+    """The model without its dummy prefix, which encodes the segments after a document's first; None where a cut
+    could change the ids: a model that is not BPE, a normalizer that does more than escape single spaces (a
+    character map, collapsed whitespace, whitespace as suffix), or a piece that a merge across a cut would make."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    model = model_pb2.ModelProto.FromString(proto)
+    norm, trainer = model.normalizer_spec, model.trainer_spec
+    if (trainer.model_type != model_pb2.TrainerSpec.BPE or norm.precompiled_charsmap or
+            norm.remove_extra_whitespaces or not norm.escape_whitespaces or trainer.treat_whitespace_as_suffix or
+            any(_CROSSES_CUT.search(p.piece) for p in model.pieces)):
+        return None
+    norm.add_dummy_prefix = False
+    return spm.SentencePieceProcessor(model_proto=model.SerializeToString())
+
+
+def _segments(texts: Sequence[str | bytes], size: int) -> tuple[list, list, list[int]]:
+    """Each text's first segment, every later segment in order, and how many later segments each text has."""
+    heads, rests, counts = [], [], []
+    for text in texts:
+        before, start = len(rests), 0
+        if len(text) > 2 * size:
+            cut = _CUT[type(text)]
+            while len(text) - start > 2 * size and (m := cut.search(text, start + size)):
+                (rests if start else heads).append(text[start:m.start()])
+                start = m.start()
+        (rests if start else heads).append(text[start:])
+        counts.append(len(rests) - before)
+    return heads, rests, counts
 
 
 # LLaMA's SentencePiece settings: lossless (identity normalization, whitespace kept) so code round-trips.

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-SPACE = "\u2581"  # sentencepiece's visible space
+from megacrystal.data.tokenizer import SPACE
 
 
 def sums_per_dataset(row_losses: torch.Tensor, samples: list[tuple[str, int]]) -> dict[str, tuple[float, float]]:

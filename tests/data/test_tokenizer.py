@@ -154,3 +154,59 @@ def test_encode_documents_equals_encode_plus_eos(tok, padded):
     assert lengths.tolist() == [len(t.encode(text)) + 1 for text in texts]
     empty_tokens, empty_lengths = t.encode_documents([], dtype)
     assert empty_tokens.size == 0 and empty_lengths.size == 0
+
+
+# Pieces that make cuts likely: words, runs of spaces, visible spaces, newlines and multi-byte characters.
+_SEGMENT_PIECES = ["a", "bc", "def", "_x1", " ", "  ", "    ", "\u2581", "\n", "\t", "é", "日本", "🙂", "\x00", "()"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(_SEGMENT_PIECES), max_size=120).map("".join), min_size=1, max_size=4),
+       st.integers(1, 24), st.booleans())
+def test_documents_encoded_in_segments_get_the_ids_of_the_whole_text(tok, texts, segment, as_bytes):
+    from megacrystal.data.indexed import token_dtype
+
+    assert tok.segmented
+    docs = [t.encode("utf-8") for t in texts] if as_bytes else texts
+    tokens, lengths = tok.encode_documents(docs, token_dtype(tok.vocab_size), segment)
+    assert tokens.tolist() == [i for text in texts for i in tok.encode(text) + [tok.eos_id]]
+    assert lengths.tolist() == [len(tok.encode(text)) + 1 for text in texts]
+
+
+def test_segments_on_real_code_with_the_default_size(tok):
+    from megacrystal.data.indexed import token_dtype
+    from megacrystal.data.tokenizer import SEGMENT_BYTES
+
+    texts = [t for t in stdlib_text(20).split("\n\n\n") if len(t) > 4 * SEGMENT_BYTES]
+    assert len(texts) > 5
+    tokens, _ = tok.encode_documents(texts, token_dtype(tok.vocab_size))
+    assert tokens.tolist() == [i for text in texts for i in tok.encode(text) + [tok.eos_id]]
+
+
+def _with_piece(model_path: Path, piece: str) -> bytes:
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    model = model_pb2.ModelProto.FromString(model_path.read_bytes())
+    model.pieces.add(piece=piece, score=0.0, type=model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+    return model.SerializeToString()
+
+
+def test_a_piece_that_spans_a_cut_turns_segments_off(model_path):
+    from megacrystal.data.indexed import token_dtype
+
+    t = CrystalTokenizer(_with_piece(model_path, "x\u2581y"))
+    text = "x y " * 200
+    whole = t.encode(text)
+    assert whole.count(t.base_vocab_size - 1) == 200  # cutting before any " y" would split that piece
+    assert not t.segmented
+    tokens, _ = t.encode_documents([text], token_dtype(t.vocab_size), segment=4)
+    assert tokens.tolist() == whole + [t.eos_id]
+    assert CrystalTokenizer(_with_piece(model_path, "\u2581\u2581y")).segmented  # runs of ▁ never get cut
+
+
+@pytest.mark.parametrize("options", [dict(normalization_rule_name="nmt_nfkc"), dict(model_type="unigram"),
+                                     dict(remove_extra_whitespaces=True)])
+def test_models_whose_normalizer_or_type_allow_no_cuts_encode_whole_documents(tmp_path, options):
+    (tmp_path / "train.txt").write_text(stdlib_text(10))
+    t = CrystalTokenizer.load(train_tokenizer([tmp_path / "train.txt"], tmp_path / "t", VOCAB, **options))
+    assert not t.segmented
