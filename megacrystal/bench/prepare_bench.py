@@ -38,6 +38,7 @@ _MEGATRON_RUNNER = textwrap.dedent("""
 
 _SPM_LIMIT = textwrap.dedent("""
     import json, sys, time
+    import numpy as np
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=sys.argv[1])
     texts = [json.loads(l)["text"] for l in open(sys.argv[2], encoding="utf-8") if l.strip()]
@@ -45,7 +46,10 @@ _SPM_LIMIT = textwrap.dedent("""
     start = time.perf_counter()
     ids = sp.encode(texts, return_type=int if sys.argv[4] == "int" else "numpy", num_threads=int(sys.argv[3]))
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "tokens": sum(map(len, ids)) + len(ids), "documents": len(ids)}))
+    from megacrystal.bench.prepare_bench import ids_digest
+    digest = ids_digest(a + [sp.eos_id()] if isinstance(a, list) else np.append(a, sp.eos_id()) for a in ids)
+    print(json.dumps({"seconds": seconds, "tokens": sum(map(len, ids)) + len(ids), "documents": len(ids),
+                      "ids_digest": digest}))
 """)
 
 
@@ -87,13 +91,45 @@ def _peak_rss_run(cmd: list[str], env: dict, cwd: str | None = None) -> tuple[fl
     return seconds, peak, out
 
 
-def _megatron_tokens(prefix: Path) -> int:
+def ids_digest(documents) -> str:
+    """An order-free digest of documents' token ids (EOS included): the sum of each document's hash, so sides
+    that store documents in another order (ours splits train/valid) compare, repeated documents included."""
+    import hashlib
+
+    import numpy as np
+
+    total = sum(int.from_bytes(hashlib.blake2b(np.asarray(ids, np.int64).tobytes(), digest_size=8).digest(),
+                               "little") for ids in documents)
+    return f"{total % 2**64:016x}"
+
+
+def _shard_documents(prefixes: list[str]):
+    """Every document's ids in megatron `.bin/.idx` pairs, one array each."""
+    import numpy as np
+
+    from ..data.indexed import files, read_index
+
+    for prefix in prefixes:
+        dtype, lengths = read_index(prefix)
+        if lengths.size:
+            tokens = np.memmap(files(prefix)[1], dtype, mode="r")
+            yield from np.split(tokens, np.cumsum(lengths.astype(np.int64))[:-1])
+
+
+def _split_prefixes(prefix: Path, meta: dict) -> list[str]:
+    from ..data.indexed import SPLITS, split_prefix
+    from ..data.prepare import shard_prefixes
+
+    return [split_prefix(p, s) for p in shard_prefixes(prefix, meta) for s in SPLITS]
+
+
+def _tokens_and_digest(prefixes: list[str]) -> dict:
     import numpy as np
 
     from ..data.indexed import read_index
 
-    _, lengths = read_index(f"{prefix}_text_document")
-    return int(lengths.astype(np.int64).sum())
+    return {"tokens": sum(int(read_index(p)[1].astype(np.int64).sum()) for p in prefixes),
+            "ids_digest": ids_digest(_shard_documents(prefixes))}
 
 
 def run(input_jsonl: Path, model: Path, out: Path, workers: int, rounds: int, megatron: Path | None,
@@ -150,10 +186,11 @@ def run(input_jsonl: Path, model: Path, out: Path, workers: int, rounds: int, me
             seconds, peak, stdout = _peak_rss_run(cmd, env_side)
             row = {"round": r, "seconds": round(seconds, 3), "peak_rss_mb": round(peak / 2**20, 1)}
             if name == "megatron-lm":
-                row["tokens"] = _megatron_tokens(work / "megatron" / "bench")
+                row.update(_tokens_and_digest([str(work / "megatron" / "bench_text_document")]))
             elif name in ours:
                 meta = json.loads((work / ours[name][0] / "bench.meta.json").read_text())
                 row.update({k: meta[k] for k in ("tokens", "documents", "duplicates_removed")})
+                row.update(_tokens_and_digest(_split_prefixes(work / ours[name][0] / "bench", meta)))
             else:
                 measured = json.loads(stdout.strip().splitlines()[-1])
                 if name.startswith("sentencepiece"):  # wall time includes reading the texts; the limit is the encode
@@ -189,6 +226,7 @@ def _report(out: Path, input_jsonl: Path, model: Path, workers: int, rounds: int
         seconds = row.get(key, row["seconds"])
         best[name] = {"seconds": seconds, "mb_per_s": round(mb / seconds, 3),
                       "mb_per_s_per_core": round(mb / seconds / workers, 3), "tokens": row["tokens"],
+                      "ids_digest": row["ids_digest"],
                       "peak_rss_mb": max(r["peak_rss_mb"] for r in rows)}
     limits = [b["seconds"] for n, b in best.items() if n.startswith("sentencepiece")]
     limit = min(limits) if limits else float("nan")
@@ -200,7 +238,9 @@ def _report(out: Path, input_jsonl: Path, model: Path, workers: int, rounds: int
               "rounds": rounds, "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
               "best": best, "runs": results, "notes": notes,
               "of_sentencepiece_limit_per_round": _per_round_ratio(results, rounds) if limits else [],
-              "identical_token_counts": len({b["tokens"] for n, b in best.items() if "dedup" not in n}) == 1}
+              "identical_token_counts": len({b["tokens"] for n, b in best.items() if "dedup" not in n}) == 1,
+              "identical_token_ids": len({r["ids_digest"] for n, rows in results.items() if "dedup" not in n
+                                          for r in rows}) == 1}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     lines = [f"# prepare benchmark: {mb:.1f} MB JSONL, {workers} workers, best of {rounds} alternated rounds", "",
              "| side | seconds | MB/s | MB/s per core | of sentencepiece limit | vs Megatron-LM | tokens | "
@@ -209,7 +249,9 @@ def _report(out: Path, input_jsonl: Path, model: Path, workers: int, rounds: int
         lines.append(f"| {name} | {b['seconds']:.2f} | {b['mb_per_s']:.2f} | {b['mb_per_s_per_core']:.2f} | "
                      f"{b['of_sentencepiece_limit']:.2f} | {b.get('vs_megatron', float('nan')):.2f} | "
                      f"{b['tokens']:,} | {b['peak_rss_mb']:.0f} |")
-    lines += ["", f"Identical token counts (without dedup): {report['identical_token_counts']}. The "
+    lines += ["", f"Identical token counts (without dedup): {report['identical_token_counts']}; identical token "
+              f"ids (an order-free digest of every document's ids, every round): "
+              f"{report['identical_token_ids']}. The "
               "sentencepiece rows time only `encode(texts, num_threads=workers)` of texts already in memory (ids "
               "as Python lists, and as numpy buffers); the limit is the faster of the two. The other rows are "
               "whole processes as a user runs them (start-up, reading, parsing, writing; ours is `megacrystal "
@@ -242,6 +284,7 @@ def _summary(out: Path, reports: list[dict], note: str = "") -> dict:
                      "vs_list_encode": round(best["sentencepiece"]["seconds"] / ours["seconds"], 3)
                      if "sentencepiece" in best else None,
                      "vs_megatron": ours.get("vs_megatron"), "identical_token_counts": rep["identical_token_counts"],
+                     "identical_token_ids": rep["identical_token_ids"],
                      "peak_rss_mb": ours["peak_rss_mb"], "dedup_mb_per_s": dedup["mb_per_s"] if dedup else None})
     growth = round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"] - 1, 3) if len(rows) > 1 else None
     summary = {"workers": reports[0]["workers"], "rounds": reports[0]["rounds"], "rows": rows,
@@ -254,12 +297,14 @@ def _summary(out: Path, reports: list[dict], note: str = "") -> dict:
     lines = [f"# prepare benchmark: {len(rows)} input(s), {summary['workers']} workers, best of "
              f"{summary['rounds']} alternated rounds", "",
              "| input MB | megacrystal s | of sentencepiece limit (per round) | vs list encode | vs Megatron-LM | "
-             "identical tokens | peak RSS MB | with dedup MB/s |", "|---:|---:|---:|---:|---:|---|---:|---:|"]
+             "identical token counts / ids | peak RSS MB | with dedup MB/s |",
+             "|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['input_mb']:,.1f} | {r['megacrystal_seconds']:.2f} | {r['of_sentencepiece_limit']:.3f} "
                      f"({' / '.join(f'{x:.3f}' for x in r['of_limit_per_round'])}) | "
                      f"{num(r['vs_list_encode'], '.2f')} | {num(r['vs_megatron'], '.2f')} | "
-                     f"{r['identical_token_counts']} | {r['peak_rss_mb']:.0f} | {num(r['dedup_mb_per_s'], '.2f')} |")
+                     f"{r['identical_token_counts']} / {r['identical_token_ids']} | {r['peak_rss_mb']:.0f} | "
+                     f"{num(r['dedup_mb_per_s'], '.2f')} |")
     if growth is not None:
         lines += ["", f"Peak RSS of `megacrystal prepare` from {rows[0]['input_mb']:,.0f} MB to "
                       f"{rows[-1]['input_mb']:,.0f} MB of input: {rows[0]['peak_rss_mb']:.0f} -> "

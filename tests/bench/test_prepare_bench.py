@@ -2,12 +2,13 @@
 which CI does not have): every side runs, token counts agree, the report and plot are written."""
 import json
 
-from megacrystal.bench.prepare_bench import python_sources_jsonl, run, run_inputs
+from megacrystal.bench.prepare_bench import ids_digest, python_sources_jsonl, run, run_inputs
 from megacrystal.data.tokenizer import train_tokenizer
 
 
 def test_bench_prepare_small(tmp_path):
-    """Two sizes of one input (as --repeat 1,2 writes them): every side per size, and one summary over both."""
+    """Two sizes of one input (as --repeat 1,2 writes them): every side per size, and one summary over both; our
+    shards hold the ids of sentencepiece's own encode."""
     small = python_sources_jsonl(tmp_path / "input-x1.jsonl", 300_000)
     double = python_sources_jsonl(tmp_path / "input-x2.jsonl", 300_000, repeat=2)
     model = train_tokenizer([small], tmp_path / "tok", 400)
@@ -17,7 +18,7 @@ def test_bench_prepare_small(tmp_path):
     for report in reports:
         best = report["best"]
         assert set(best) == {"sentencepiece", "sentencepiece-numpy", "megacrystal", "megacrystal+dedup-exact"}
-        assert report["identical_token_counts"]
+        assert report["identical_token_counts"] and report["identical_token_ids"]
         assert best["megacrystal"]["tokens"] == best["sentencepiece"]["tokens"] > 0
         limit = min(best["sentencepiece"]["seconds"], best["sentencepiece-numpy"]["seconds"])
         assert best["megacrystal"]["of_sentencepiece_limit"] == round(limit / best["megacrystal"]["seconds"], 3)
@@ -51,3 +52,12 @@ def test_bench_prepare_skip_names_unknown_sides(tmp_path):
     for skip in (("megacrystal",), ("megatron-lm",)):  # ours always runs; Megatron-LM only with --megatron
         with pytest.raises(DataError, match="--skip"):
             run(tmp_path / "in.jsonl", tmp_path / "m.model", tmp_path / "out", 2, 1, None, "none", skip)
+
+
+def test_ids_digest_ignores_document_order_but_not_ids_or_repeats():
+    import numpy as np
+
+    a, b = np.array([5, 6, 2]), [7, 2]
+    assert ids_digest([a, b]) == ids_digest([b, a]) == ids_digest([list(a), np.array(b, np.uint16)])
+    assert ids_digest([a, b]) != ids_digest([a, [8, 2]])
+    assert ids_digest([a, a, b]) != ids_digest([a, b]) != ids_digest([np.array([5, 6, 2, 7, 2])])
