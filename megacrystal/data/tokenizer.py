@@ -225,7 +225,7 @@ def _segments(texts: Sequence[str | bytes], size: int) -> tuple[list, list, list
     for text in texts:
         before, start = len(rests), 0
         if len(text) > 2 * size:
-            cut = _CUT[type(text)]
+            cut = _CUT[bytes if isinstance(text, bytes) else str]
             while len(text) - start > 2 * size and (m := cut.search(text, start + size)):
                 (rests if start else heads).append(text[start:m.start()])
                 start = m.start()
