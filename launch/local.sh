@@ -13,8 +13,9 @@
 # (torchrun --local-addr) and interface (GLOO_SOCKET_IFNAME) spelled out, and a c10d rendezvous must be told which
 # node hosts its store (torch decides by the hostname): this script takes the address and interface from the
 # routing table, and the store's host from --node-rank 0 (or from the endpoint being one of this host's addresses).
-# Multi-node runs go through `python -m megacrystal.launch.torchrun` (torchrun that forwards SIGUSR1 to the
-# trainers and exits 75 after a stop request with a checkpoint). A lost node fails the run once a collective
+# Both go through `python -m megacrystal.launch.torchrun`: torchrun that forwards SIGTERM, SIGINT and SIGUSR1 to the
+# trainers alone (plain torchrun kills their checkpoint writers and gives a save 30 s) and exits 75 after a stop
+# request with a checkpoint. A lost node fails the run once a collective
 # has waited $MEGACRYSTAL_DIST_TIMEOUT_S seconds (torch's default, 30 minutes, when unset).
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
@@ -64,8 +65,8 @@ if [[ -z "$NNODES" ]]; then
         echo "launch/local.sh: multi-node options need --nnodes" >&2; exit 2
     fi
     setup
-    exec "$ROOT/.venv/bin/torchrun" --standalone --nproc_per_node "$NPROC" -m megacrystal train --config "$CONFIG" \
-        ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}
+    exec "$ROOT/.venv/bin/python" -m megacrystal.launch.torchrun --standalone --nproc-per-node "$NPROC" \
+        -m megacrystal.launch.worker train --config "$CONFIG" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}
 fi
 
 die() { echo "launch/local.sh: $*" >&2; exit 2; }
