@@ -14,11 +14,20 @@ from .runner import DONE, is_done, run_dir
 SMOOTH = 10  # steps in the moving average of the plotted training losses
 
 
-def mixture(plan) -> dict[str, float]:
-    """The run's overall mixture: each dataset's share of all tokens, over every phase."""
+def mixture(plan, records=()) -> dict[str, float]:
+    """The run's overall mixture: each dataset's share of all tokens, over every phase. A fixed phase counts its
+    weights; an online-mixing phase the tokens it drew (the records' cumulative consumed_tokens at its ends), since
+    its weights moved during the run (its configured weights when those records are missing)."""
+    consumed = {r.step: r.consumed_tokens for r in records}
+    consumed[0] = {}
     total = {}
-    for phase, steps in zip(plan.phases, plan.steps):
-        for name, w in phase.weights.items():
+    for phase, steps, bounds in zip(plan.phases, plan.steps, plan.boundaries()):
+        weights = phase.weights
+        start, end = consumed.get(bounds.start_step), consumed.get(bounds.end_step)
+        if phase.mixing is not None and start is not None and end:
+            drawn = {name: n - start.get(name, 0) for name, n in end.items() if n > start.get(name, 0)}
+            weights = {name: n / sum(drawn.values()) for name, n in drawn.items()}
+        for name, w in weights.items():
             total[name] = total.get(name, 0.0) + w * steps / plan.total_steps
     return dict(sorted(total.items()))
 
@@ -38,7 +47,7 @@ def variant_results(where: Path) -> dict:
     return {
         "phase_weights": {p.name: dict(p.weights) for p in plan.phases},
         "phase_ends": [b.end_step for b in plan.boundaries()],
-        "mixture": mixture(plan),
+        "mixture": mixture(plan, records),
         "phases": phases,
         "train_loss_per_dataset": {str(r.step): r.loss_per_dataset for r in records if r.loss_per_dataset},
     }

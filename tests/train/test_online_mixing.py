@@ -155,3 +155,24 @@ def test_layouts_give_the_same_weights_and_losses(runs):
             assert a["loss_per_dataset"] == pytest.approx(b["loss_per_dataset"], rel=1e-5, abs=0), (layout, a["step"])
         diff = max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(got, single))
         print(f"{layout}: max relative loss difference to 1 process {diff:.2e}")
+
+
+def test_the_lab_report_mixture_counts_what_online_phases_drew(runs):
+    """The fit's input: a fixed phase counts its weights, an online phase the samples it logged per step."""
+    from megacrystal.config import load_config
+    from megacrystal.lab.report import mixture, variant_results
+    from megacrystal.schedule.from_config import plan_for
+
+    run = runs["root"] / "single"
+    records = _records(run)
+    plan = plan_for(load_config(run / "config.resolved.yaml"))
+    expected = Counter()
+    for phase, bounds in zip(plan.phases, plan.boundaries()):
+        share = (bounds.end_step - bounds.start_step) / plan.total_steps
+        drawn = sum((Counter(r["samples"]) for r in records[bounds.start_step:bounds.end_step]), Counter())
+        weights = phase.weights if phase.mixing is None else {d: n / drawn.total() for d, n in drawn.items()}
+        for name, w in weights.items():
+            expected[name] += w * share
+    got = variant_results(run)["mixture"]
+    assert got == pytest.approx(dict(expected), rel=1e-12)
+    assert got != pytest.approx(mixture(plan), rel=1e-3)  # the configured weights would tell another mixture
