@@ -56,6 +56,9 @@ class MixingSection(Section):
     eta: float = Field(1.0, gt=0)  # step size on the excess loss (nats)
     every: int = Field(10, ge=1)  # steps per update window
     epsilon: float = Field(0.05, ge=0, le=1)  # share of the uniform blend mixed in (exploration, a floor)
+    # fixed: epsilon at every update; decay: ODM's schedule, a uniform share of min(1, sqrt(K ln K / t)) at an
+    # update t steps into the phase (K datasets), never below epsilon (0 gives ODM's exactly)
+    exploration: Literal["fixed", "decay"] = "fixed"
     smoothing: float = Field(0.0, ge=0, lt=1)  # moving-average factor of the per-dataset loss across windows
     # first: the loss of the phase's first window; none: the loss itself; {dataset: loss}: a reference model's
     # loss per dataset (DoReMi), the excess then clipped at 0

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megacrystal.data.errors import DataError
-from megacrystal.schedule.plan import PhaseSpec, RunPlan
+from megacrystal.schedule.plan import MixingSpec, PhaseSpec, RunPlan
 
 from .epoch_order import _EpochOrder, epoch_order
 from .mixing import OnlineMixer
@@ -86,7 +86,8 @@ def _same_blend(saved: dict, spec: PhaseSpec) -> bool:
     mixer = saved.get("mixer")
     if spec.mixing is None:
         return mixer is None and _same_weights(saved["weights"], spec.weights)
-    return mixer is not None and mixer["spec"] == spec.mixing.to_json() and \
+    # Through MixingSpec, so a state saved before an option existed compares with that option's default.
+    return mixer is not None and MixingSpec(**mixer["spec"]).to_json() == spec.mixing.to_json() and \
         _same_weights(mixer["initial"], spec.weights)
 
 

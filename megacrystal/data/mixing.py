@@ -10,6 +10,9 @@ clips the excess at 0). Then one of two rules:
   w = (1 - eps) softmax(eta * R) + eps / n, R the smoothed reward (here the excess loss). ODM draws one
   domain per batch and divides its reward by its probability (bandit feedback); here every dataset has rows
   in every window (full information), so the reward is used as it is.
+With `exploration: decay`, eps at an update t steps into the phase is ODM's K * eps_t, eps_t = min(1/K,
+sqrt(ln K / (K t))) for K datasets (its Exp3 updater), at least `epsilon`; ODM also uses eps_t as its step size,
+on a cumulative importance-weighted reward, while here `eta` stays as set on the smoothed excess loss.
 The result is rounded to multiples of 1/grid summing to exactly 1. The losses come from rows every rank
 holds, summed in float64 in batch order, so the ranks of one run agree bit for bit; runs at other layouts
 see losses that differ in the last digits, and the rounding makes their weights (and so every sampling
@@ -46,6 +49,13 @@ def _softmax(logits: dict[str, float]) -> dict[str, float]:
     exps = {name: math.exp(x - top) for name, x in logits.items()}
     total = math.fsum(exps.values())
     return {name: x / total for name, x in exps.items()}
+
+
+def uniform_share(spec: MixingSpec, datasets: int, steps: int) -> float:
+    """The share of the uniform blend mixed in at an update `steps` steps into the phase."""
+    if spec.exploration == "fixed":
+        return spec.epsilon
+    return max(spec.epsilon, min(1.0, math.sqrt(datasets * math.log(datasets) / steps)))
 
 
 def eg_step(weights: dict[str, float], excess: dict[str, float], eta: float, epsilon: float) -> dict[str, float]:
@@ -109,8 +119,9 @@ class OnlineMixer:
                 if self.reference[n] is None:  # reference "first": the first window this dataset was seen in
                     self.reference[n] = self.smoothed[n]
         excess = self.excess()
-        raw = eg_step(self.weights, excess, s.eta, s.epsilon) if s.rule == "eg" else \
-            exp3_weights(excess, s.eta, s.epsilon)
+        epsilon = uniform_share(s, len(self.names), (self.updates + 1) * s.every)
+        raw = eg_step(self.weights, excess, s.eta, epsilon) if s.rule == "eg" else \
+            exp3_weights(excess, s.eta, epsilon)
         self.weights = quantize(raw, s.grid)
         self.window = {n: [0.0, 0.0] for n in self.names}
         self.window_steps = 0

@@ -17,8 +17,9 @@ WEIGHT_SUM_TOLERANCE = 1e-6
 class MixingSpec:
     """Online mixing of one phase's blend (data/mixing.py applies it): every `every` steps the weights move
     toward the datasets with the largest excess training loss (rule `eg`: DoReMi's exponentiated gradient;
-    `exp3`: ODM's softmax of a smoothed reward), mixed with `epsilon` of the uniform blend and rounded to
-    multiples of 1/`grid`. `reference` is what the loss is in excess of: the loss of the phase's first
+    `exp3`: ODM's softmax of a smoothed reward), mixed with `epsilon` of the uniform blend (with `exploration`
+    "decay", ODM's share shrinking with the phase's steps, at least `epsilon`) and rounded to multiples of
+    1/`grid`. `reference` is what the loss is in excess of: the loss of the phase's first
     update window ("first"), nothing ("none": the loss itself) or a loss per dataset (DoReMi's reference
     model; the excess is then clipped at 0). `smoothing` is the moving-average factor over update windows.
     """
@@ -27,6 +28,7 @@ class MixingSpec:
     eta: float = 1.0
     every: int = 10
     epsilon: float = 0.05
+    exploration: Literal["fixed", "decay"] = "fixed"
     smoothing: float = 0.0
     reference: Union[Literal["first", "none"], Mapping[str, float]] = "first"
     grid: int = 1024
@@ -35,6 +37,8 @@ class MixingSpec:
         """Raise ValueError naming the first invalid field, for a phase blending `datasets`."""
         if self.rule not in ("eg", "exp3"):
             raise ValueError(f"mixing.rule must be eg or exp3, got {self.rule!r}")
+        if self.exploration not in ("fixed", "decay"):
+            raise ValueError(f"mixing.exploration must be fixed or decay, got {self.exploration!r}")
         for name, value, ok, what in (("eta", self.eta, lambda v: v > 0, "> 0"),
                                       ("epsilon", self.epsilon, lambda v: 0 <= v <= 1, "in [0, 1]"),
                                       ("smoothing", self.smoothing, lambda v: 0 <= v < 1, "in [0, 1)")):
@@ -64,8 +68,8 @@ class MixingSpec:
     def describe(self) -> str:
         """One line for logs, e.g. 'online eg (eta 1, every 10 steps, epsilon 0.05, reference first)'."""
         reference = self.reference if isinstance(self.reference, str) else "per dataset"
-        return (f"online {self.rule} (eta {self.eta:g}, every {self.every} steps, epsilon {self.epsilon:g}, "
-                f"reference {reference})")
+        epsilon = f"epsilon {self.epsilon:g}" + (", decaying as ODM's" if self.exploration == "decay" else "")
+        return f"online {self.rule} (eta {self.eta:g}, every {self.every} steps, {epsilon}, reference {reference})"
 
 
 @dataclass(frozen=True)

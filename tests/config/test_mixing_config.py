@@ -27,6 +27,8 @@ def test_the_recipe_mixes_its_second_phase_online():
 def test_one_override_turns_mixing_on_with_defaults():
     phase = plan_for(load_config(TINY, ["data.phases.mixed.mixing.mode=online"])).phases[1]
     assert phase.mixing == MixingSpec()
+    phase = plan_for(load_config(TINY, ["data.phases.mixed.mixing.exploration=decay"])).phases[1]
+    assert phase.mixing == MixingSpec(exploration="decay")
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -38,6 +40,8 @@ def test_one_override_turns_mixing_on_with_defaults():
     (["data.phases.mixed.mixing.rule=doremi"], "data.phases.mixed.mixing.rule: input should be 'eg' or 'exp3'"),
     (["data.phases.mixed.mixing.eta=0"], "data.phases.mixed.mixing.eta: input should be greater than 0"),
     (["data.phases.mixed.mixing.epsilon=1.5"], "data.phases.mixed.mixing.epsilon: input should be less than or equal"),
+    (["data.phases.mixed.mixing.exploration=fast"],
+     "data.phases.mixed.mixing.exploration: input should be 'fixed' or 'decay'"),
     (["data.phases.mixed.mixing.smoothing=1"], "data.phases.mixed.mixing.smoothing: input should be less than 1"),
     (["data.phases.mixed.mixing.every=0"], "data.phases.mixed.mixing.every: input should be greater than or equal"),
     (["data.phases.mixed.mixing.grid=1"], "data.phases.mixed.mixing.grid: input should be greater than or equal"),

@@ -40,7 +40,11 @@ def reference_run(spec: MixingSpec, initial: dict, windows: list[dict]) -> list[
     ref = np.array([spec.reference[d] for d in names]) if fixed else np.full(n, 0.0 if spec.reference == "none"
                                                                                 else np.nan)
     out = []
-    for window in windows:
+    for k, window in enumerate(windows):
+        epsilon = spec.epsilon
+        if spec.exploration == "decay":  # ODM's Exp3 updater: eps_t = min(1/K, sqrt(ln K / (K t))), a K * eps_t share
+            eps_t = min(1 / n, math.sqrt(math.log(n) / (n * (k + 1) * spec.every)))
+            epsilon = max(spec.epsilon, n * eps_t)
         for i, d in enumerate(names):
             loss, tokens = window.get(d, (0.0, 0.0))
             if tokens:
@@ -56,7 +60,7 @@ def reference_run(spec: MixingSpec, initial: dict, windows: list[dict]) -> list[
             moved = w * np.exp(spec.eta * excess)
         else:
             moved = np.exp(spec.eta * excess - np.max(spec.eta * excess))
-        w = reference_quantize((1 - spec.epsilon) * moved / moved.sum() + spec.epsilon / n, spec.grid)
+        w = reference_quantize((1 - epsilon) * moved / moved.sum() + epsilon / n, spec.grid)
         out.append(w)
     return out
 
@@ -93,7 +97,9 @@ def test_quantize_rounds_to_the_grid_and_sums_to_one(grid):
     MixingSpec(rule="eg", eta=2.0, every=2, epsilon=0.05, reference="first"),
     MixingSpec(rule="eg", eta=1.0, every=3, epsilon=0.0, smoothing=0.5, reference={"a": 3.0, "b": 2.5, "c": 2.0}),
     MixingSpec(rule="exp3", eta=0.8, every=1, epsilon=0.2, smoothing=0.3, reference="none", grid=4096),
-], ids=["eg-first", "eg-reference-clipped", "exp3-none-smoothed"])
+    MixingSpec(rule="exp3", eta=3.0, every=1, epsilon=0.0, exploration="decay", reference="none", grid=2**20),
+    MixingSpec(rule="eg", eta=2.0, every=2, epsilon=0.25, exploration="decay", reference="first"),
+], ids=["eg-first", "eg-reference-clipped", "exp3-none-smoothed", "exp3-odm-decay", "eg-decay-floor"])
 def test_mixer_follows_the_rule_over_many_windows(spec):
     initial = {"a": 0.5, "b": 0.3, "c": 0.2}
     rng = np.random.default_rng(7)
@@ -114,6 +120,17 @@ def test_mixer_follows_the_rule_over_many_windows(spec):
     want = reference_run(spec, initial, windows)
     assert got == [w.tolist() for w in want]
     assert len({tuple(w) for w in got}) > 3  # the weights do move
+
+
+def test_decaying_exploration_shrinks_to_its_floor():
+    from megacrystal.data.mixing import uniform_share
+
+    odm = MixingSpec(epsilon=0.0, exploration="decay")
+    shares = [uniform_share(odm, 3, t) for t in (1, 3, 4, 100, 10_000)]
+    assert shares[:2] == [1.0, 1.0] and shares[2] == pytest.approx(math.sqrt(3 * math.log(3) / 4))
+    assert shares == sorted(shares, reverse=True) and shares[-1] < 0.02
+    assert uniform_share(MixingSpec(epsilon=0.1, exploration="decay"), 3, 10_000) == 0.1
+    assert uniform_share(MixingSpec(epsilon=0.1), 3, 1) == 0.1
 
 
 def test_excess_over_a_reference_model_is_clipped_at_zero():
@@ -229,6 +246,21 @@ def test_resume_with_other_mixing_options_is_a_reported_blend_change():
                            B, SEQ)
     change = BlendedSampler(SIZES, static, seed=5).load_state_dict(saved)
     assert change is not None and "-> static" in change.describe()
+    decaying = online_plan(mixed=MixingSpec(every=2, eta=3.0, exploration="decay"))
+    change = BlendedSampler(SIZES, decaying, seed=5).load_state_dict(saved)
+    assert change is not None and "decaying as ODM's" in change.describe()
+
+
+def test_a_state_saved_before_an_option_existed_resumes_with_its_default():
+    plan = online_plan()
+    first = BlendedSampler(SIZES, plan, seed=5)
+    drive(first, range(8))
+    saved = json.loads(json.dumps(first.state_dict()))
+    mixer = saved["phase"]["mixer"]
+    assert mixer["spec"].pop("exploration") == "fixed"  # as written before the option existed
+    resumed = BlendedSampler(SIZES, plan, seed=5)
+    assert resumed.load_state_dict(saved) is None
+    assert drive(resumed, range(8, plan.total_steps)) == drive(first, range(8, plan.total_steps))
 
 
 def test_observe_wants_the_step_just_drawn_and_its_losses():
