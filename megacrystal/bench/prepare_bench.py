@@ -47,7 +47,7 @@ _SPM_LIMIT = textwrap.dedent("""
     ids = sp.encode(texts, return_type=int if sys.argv[4] == "int" else "numpy", num_threads=int(sys.argv[3]))
     seconds = time.perf_counter() - start
     from megacrystal.bench.prepare_bench import ids_digest
-    digest = ids_digest(a + [sp.eos_id()] if isinstance(a, list) else np.append(a, sp.eos_id()) for a in ids)
+    digest = ids_digest(np.append(a, sp.eos_id()) for a in ids)
     print(json.dumps({"seconds": seconds, "tokens": sum(map(len, ids)) + len(ids), "documents": len(ids),
                       "ids_digest": digest}))
 """)
@@ -189,7 +189,7 @@ def run(input_jsonl: Path, model: Path, out: Path, workers: int, rounds: int, me
                 row.update(_tokens_and_digest([str(work / "megatron" / "bench_text_document")]))
             elif name in ours:
                 meta = json.loads((work / ours[name][0] / "bench.meta.json").read_text())
-                row.update({k: meta[k] for k in ("tokens", "documents", "duplicates_removed")})
+                row.update({k: meta[k] for k in ("documents", "duplicates_removed")})
                 row.update(_tokens_and_digest(_split_prefixes(work / ours[name][0] / "bench", meta)))
             else:
                 measured = json.loads(stdout.strip().splitlines()[-1])

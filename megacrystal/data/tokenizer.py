@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -49,7 +51,6 @@ class CrystalTokenizer:
                  source: str = "<bytes>"):
         self._proto = bytes(model_proto)
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
-        self._continuation = _continuation_model(self._proto)
         self.source = source
         self.base_vocab_size = self._sp.get_piece_size()
         self.num_tokens = self.base_vocab_size + len(SPECIAL_TOKENS)
@@ -143,10 +144,7 @@ class CrystalTokenizer:
         output skips building a Python int per token."""
         if not texts:
             return np.zeros(0, dtype), np.zeros(0, np.int32)
-        if self._continuation is None:
-            heads, rests, counts = list(texts), [], itertools.repeat(0)
-        else:
-            heads, rests, counts = _segments(texts, segment)
+        heads, rests, counts = _segments(texts, segment if self.segmented else math.inf)
         head_ids = self._sp.encode(heads, return_type="numpy", num_threads=1)
         rest_ids = iter(self._continuation.encode(rests, return_type="numpy", num_threads=1) if rests else ())
         eos = np.array([self.eos_id], np.int32)
@@ -160,6 +158,10 @@ class CrystalTokenizer:
             parts.append(eos)
             lengths[i] = size
         return np.concatenate(parts, dtype=dtype, casting="unsafe"), lengths
+
+    @functools.cached_property
+    def _continuation(self) -> spm.SentencePieceProcessor | None:
+        return _continuation_model(self._proto)  # built on first use: training loads a tokenizer but never needs it
 
     @property
     def segmented(self) -> bool:
@@ -219,7 +221,7 @@ def _continuation_model(proto: bytes) -> spm.SentencePieceProcessor | None:
     return spm.SentencePieceProcessor(model_proto=model.SerializeToString())
 
 
-def _segments(texts: Sequence[str | bytes], size: int) -> tuple[list, list, list[int]]:
+def _segments(texts: Sequence[str | bytes], size: float) -> tuple[list, list, list[int]]:
     """Each text's first segment, every later segment in order, and how many later segments each text has."""
     heads, rests, counts = [], [], []
     for text in texts:
